@@ -1,0 +1,464 @@
+//! Plugin configuration: JSON in, a validated and compiled [`CompiledConfig`]
+//! out. Parsing walks the JSON by hand rather than through serde derive so
+//! every error names the exact field (`policies[1].cost must be > 0`), which
+//! serde's type errors do not.
+
+use hashbrown::HashMap;
+use serde_json::{Map, Value};
+use sluice_wire::{is_valid_policy_name, RouteLimit, Window};
+use std::fmt;
+
+/// What to do when the quota service can not give an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Forward the request (and count it as failed-open).
+    Open,
+    /// Answer 503 `quota_service_unavailable`.
+    Closed,
+}
+
+/// One route policy after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub cost: u64,
+    pub failure_mode: FailureMode,
+    pub exempt: bool,
+    pub limits: Vec<RouteLimit>,
+}
+
+/// The validated configuration shared read-only by every request of a worker.
+#[derive(Debug, Clone)]
+pub struct CompiledConfig {
+    pub quota_cluster: String,
+    pub quota_authority: String,
+    pub timeout_ms: u64,
+    /// Lower-cased: Envoy stores header names lower-case.
+    pub tenant_header: String,
+    /// Seconds advertised in `Retry-After` of a fail-closed 503.
+    pub unavailable_retry_after_s: u64,
+    exempt_exact: Vec<String>,
+    exempt_prefixes: Vec<String>,
+    default_policy: Policy,
+    policies: Vec<Policy>,
+    by_name: HashMap<String, usize>,
+    by_route_name: HashMap<String, usize>,
+    /// (prefix, policy index), longest prefix first.
+    by_prefix: Vec<(String, usize)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid sluice config: {}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(field: &str, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError { field: field.to_string(), message: message.into() })
+}
+
+pub const DEFAULT_TIMEOUT_MS: u64 = 100;
+pub const DEFAULT_TENANT_HEADER: &str = "x-tenant-id";
+pub const DEFAULT_AUTHORITY: &str = "sluice-quota";
+/// Upper bound for any cost or limit: large enough for any real quota, small
+/// enough that sums of a few of them can never overflow a u64 or a Lua double.
+pub const MAX_NUMBER: u64 = 1_000_000_000_000;
+const MAX_COST: u64 = 1_000_000;
+const MAX_TIMEOUT_MS: u64 = 60_000;
+
+const TOP_FIELDS: &[&str] = &[
+    "quota_cluster",
+    "quota_authority",
+    "timeout_ms",
+    "tenant_header",
+    "failure_mode",
+    "exempt_paths",
+    "default_policy",
+    "policies",
+    "unavailable_retry_after_s",
+];
+const POLICY_FIELDS: &[&str] =
+    &["name", "path_prefix", "route_name", "cost", "failure_mode", "exempt", "limits"];
+
+/// Parses and validates the plugin configuration.
+pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => return err("(config)", format!("not valid JSON: {e}")),
+    };
+    let top = as_object(&value, "(config)")?;
+    check_known(top, TOP_FIELDS, "")?;
+
+    let quota_cluster = match opt_str(top, "quota_cluster", "quota_cluster")? {
+        Some(s) if !s.trim().is_empty() => s.to_string(),
+        Some(_) => return err("quota_cluster", "must not be empty"),
+        None => return err("quota_cluster", "is required (the Envoy cluster of the quota service)"),
+    };
+    let quota_authority = match opt_str(top, "quota_authority", "quota_authority")? {
+        Some(s) if !s.trim().is_empty() => s.to_string(),
+        Some(_) => return err("quota_authority", "must not be empty"),
+        None => DEFAULT_AUTHORITY.to_string(),
+    };
+    let timeout_ms = opt_positive(top, "timeout_ms", "timeout_ms", MAX_TIMEOUT_MS)?
+        .unwrap_or(DEFAULT_TIMEOUT_MS);
+    let unavailable_retry_after_s =
+        opt_positive(top, "unavailable_retry_after_s", "unavailable_retry_after_s", 3_600)?
+            .unwrap_or(1);
+    let tenant_header = match opt_str(top, "tenant_header", "tenant_header")? {
+        Some(h) => {
+            let h = h.to_ascii_lowercase();
+            let token = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+            if h.is_empty() || !h.bytes().all(token) {
+                return err("tenant_header", "must be a header name (letters, digits, - _ .)");
+            }
+            if h.starts_with("x-sluice-") {
+                return err("tenant_header", "x-sluice-* headers are internal and stripped on entry");
+            }
+            h
+        }
+        None => DEFAULT_TENANT_HEADER.to_string(),
+    };
+    let failure_mode = opt_failure_mode(top, "failure_mode", "failure_mode")?.unwrap_or(FailureMode::Open);
+
+    let mut exempt_exact = Vec::new();
+    let mut exempt_prefixes = Vec::new();
+    if let Some(v) = top.get("exempt_paths") {
+        let Value::Array(items) = v else { return err("exempt_paths", "must be an array of paths") };
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("exempt_paths[{i}]");
+            let Value::String(p) = item else { return err(&field, "must be a string") };
+            if !p.starts_with('/') {
+                return err(&field, "must start with /");
+            }
+            if let Some(prefix) = p.strip_suffix('*') {
+                exempt_prefixes.push(prefix.to_string());
+            } else if p.ends_with('/') && p.len() > 1 {
+                exempt_prefixes.push(p.clone());
+            } else {
+                exempt_exact.push(p.clone());
+            }
+        }
+    }
+
+    let default_policy = match top.get("default_policy") {
+        Some(v) => {
+            let p = parse_policy(v, "default_policy", failure_mode)?;
+            let o = as_object(v, "default_policy")?;
+            for f in ["path_prefix", "route_name"] {
+                if o.contains_key(f) {
+                    return err(&format!("default_policy.{f}"), "is not allowed: the default policy matches what nothing else matches");
+                }
+            }
+            p
+        }
+        None => Policy {
+            name: "default".to_string(),
+            cost: 1,
+            failure_mode,
+            exempt: false,
+            limits: Vec::new(),
+        },
+    };
+
+    let mut policies = Vec::new();
+    let mut by_name = HashMap::new();
+    let mut by_route_name = HashMap::new();
+    let mut by_prefix = Vec::new();
+    if let Some(v) = top.get("policies") {
+        let Value::Array(items) = v else { return err("policies", "must be an array of policies") };
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("policies[{i}]");
+            let policy = parse_policy(item, &path, failure_mode)?;
+            let o = as_object(item, &path)?;
+            let prefix = opt_str(o, "path_prefix", &format!("{path}.path_prefix"))?;
+            let route_name = opt_str(o, "route_name", &format!("{path}.route_name"))?;
+            if !o.contains_key("name") {
+                return err(&format!("{path}.name"), "is required");
+            }
+            if policy.name == default_policy.name {
+                return err(&format!("{path}.name"), format!("`{}` is the default policy's name", policy.name));
+            }
+            if by_name.insert(policy.name.clone(), i).is_some() {
+                return err(&format!("{path}.name"), format!("duplicate policy name `{}`", policy.name));
+            }
+            if let Some(p) = prefix {
+                if !p.starts_with('/') {
+                    return err(&format!("{path}.path_prefix"), "must start with /");
+                }
+                if by_prefix.iter().any(|(q, _): &(String, usize)| q == p) {
+                    return err(&format!("{path}.path_prefix"), format!("`{p}` is used by another policy"));
+                }
+                by_prefix.push((p.to_string(), i));
+            }
+            if let Some(r) = route_name {
+                if r.is_empty() {
+                    return err(&format!("{path}.route_name"), "must not be empty");
+                }
+                if by_route_name.insert(r.to_string(), i).is_some() {
+                    return err(&format!("{path}.route_name"), format!("`{r}` is used by another policy"));
+                }
+            }
+            policies.push(policy);
+        }
+    }
+    by_prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+
+    Ok(CompiledConfig {
+        quota_cluster,
+        quota_authority,
+        timeout_ms,
+        tenant_header,
+        unavailable_retry_after_s,
+        exempt_exact,
+        exempt_prefixes,
+        default_policy,
+        policies,
+        by_name,
+        by_route_name,
+        by_prefix,
+    })
+}
+
+fn parse_policy(v: &Value, path: &str, inherited: FailureMode) -> Result<Policy, ConfigError> {
+    let o = as_object(v, path)?;
+    check_known(o, POLICY_FIELDS, path)?;
+    let name = match opt_str(o, "name", &format!("{path}.name"))? {
+        Some(n) if is_valid_policy_name(n) => n.to_string(),
+        Some(_) => return err(&format!("{path}.name"), "must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+        None => "default".to_string(),
+    };
+    let cost = opt_positive(o, "cost", &format!("{path}.cost"), MAX_COST)?.unwrap_or(1);
+    let failure_mode = opt_failure_mode(o, "failure_mode", &format!("{path}.failure_mode"))?.unwrap_or(inherited);
+    let exempt = match o.get("exempt") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return err(&format!("{path}.exempt"), "must be true or false"),
+    };
+    let mut limits = Vec::new();
+    if let Some(l) = o.get("limits") {
+        let lpath = format!("{path}.limits");
+        let lo = as_object(l, &lpath)?;
+        check_known(lo, &["hour", "day", "month"], &lpath)?;
+        for window in Window::ALL {
+            let f = format!("{lpath}.{}", window.as_str());
+            // A route limit of 0 is allowed: it closes the route for everyone.
+            if let Some(limit) = opt_number(lo, window.as_str(), &f, MAX_NUMBER)? {
+                limits.push(RouteLimit { window, limit });
+            }
+        }
+    }
+    Ok(Policy { name, cost, failure_mode, exempt, limits })
+}
+
+fn as_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, ConfigError> {
+    match v {
+        Value::Object(o) => Ok(o),
+        _ => err(path, "must be a JSON object"),
+    }
+}
+
+fn check_known(o: &Map<String, Value>, known: &[&str], path: &str) -> Result<(), ConfigError> {
+    for k in o.keys() {
+        if !known.contains(&k.as_str()) {
+            let field = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            return err(&field, format!("unknown field (expected one of: {})", known.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+fn opt_str<'a>(o: &'a Map<String, Value>, key: &str, field: &str) -> Result<Option<&'a str>, ConfigError> {
+    match o.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => err(field, "must be a string"),
+    }
+}
+
+fn opt_failure_mode(o: &Map<String, Value>, key: &str, field: &str) -> Result<Option<FailureMode>, ConfigError> {
+    match opt_str(o, key, field)? {
+        None => Ok(None),
+        Some("open") => Ok(Some(FailureMode::Open)),
+        Some("closed") => Ok(Some(FailureMode::Closed)),
+        Some(other) => err(field, format!("must be \"open\" or \"closed\", not {other:?}")),
+    }
+}
+
+/// A whole number in 0..=max.
+fn opt_number(o: &Map<String, Value>, key: &str, field: &str, max: u64) -> Result<Option<u64>, ConfigError> {
+    let Some(v) = o.get(key) else { return Ok(None) };
+    let Value::Number(n) = v else { return err(field, "must be a number") };
+    if let Some(u) = n.as_u64() {
+        if u > max {
+            return err(field, format!("must be at most {max}"));
+        }
+        return Ok(Some(u));
+    }
+    if n.as_i64().is_some() || n.as_f64().is_some_and(|f| f < 0.0) {
+        return err(field, "must not be negative");
+    }
+    err(field, "must be a whole number")
+}
+
+/// A whole number in 1..=max.
+fn opt_positive(o: &Map<String, Value>, key: &str, field: &str, max: u64) -> Result<Option<u64>, ConfigError> {
+    match opt_number(o, key, field, max)? {
+        Some(0) => err(field, "must be greater than 0"),
+        other => Ok(other),
+    }
+}
+
+impl CompiledConfig {
+    /// Whether a path (without query) is exempt from quotas.
+    pub fn is_exempt_path(&self, path: &str) -> bool {
+        self.exempt_exact.iter().any(|p| p == path)
+            || self.exempt_prefixes.iter().any(|p| path.starts_with(p.as_str()))
+    }
+
+    /// Whether policy selection can use the route name or route metadata;
+    /// lets the adapter skip the host property reads when it can not.
+    pub fn uses_route_name(&self) -> bool {
+        !self.by_route_name.is_empty()
+    }
+
+    pub fn has_named_policies(&self) -> bool {
+        !self.policies.is_empty()
+    }
+
+    /// Picks the policy for a request. `metadata_policy` is the
+    /// `filter_metadata.sluice.policy` of the matched Envoy route.
+    /// Precedence: route metadata, then route name, then longest path
+    /// prefix, then the default policy. A metadata name that matches no
+    /// policy falls through (and is worth a log line by the caller).
+    pub fn select(&self, path: &str, route_name: Option<&str>, metadata_policy: Option<&str>) -> &Policy {
+        let by_meta = metadata_policy.and_then(|n| {
+            if n == self.default_policy.name {
+                Some(&self.default_policy)
+            } else {
+                self.by_name.get(n).and_then(|i| self.policies.get(*i))
+            }
+        });
+        if let Some(p) = by_meta {
+            return p;
+        }
+        if let Some(p) = route_name.and_then(|r| self.by_route_name.get(r)).and_then(|i| self.policies.get(*i)) {
+            return p;
+        }
+        for (prefix, i) in &self.by_prefix {
+            if path.starts_with(prefix.as_str()) {
+                if let Some(p) = self.policies.get(*i) {
+                    return p;
+                }
+            }
+        }
+        &self.default_policy
+    }
+
+    pub fn default_policy(&self) -> &Policy {
+        &self.default_policy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(json: &str) -> ConfigError {
+        match compile(json.as_bytes()) {
+            Ok(_) => panic!("config should be rejected: {json}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = compile(br#"{"quota_cluster":"q"}"#).unwrap();
+        assert_eq!(c.timeout_ms, 100);
+        assert_eq!(c.tenant_header, "x-tenant-id");
+        assert_eq!(c.quota_authority, "sluice-quota");
+        assert_eq!(c.default_policy().cost, 1);
+        assert_eq!(c.default_policy().failure_mode, FailureMode::Open);
+        assert_eq!(c.unavailable_retry_after_s, 1);
+    }
+
+    #[test]
+    fn missing_cluster_is_named() {
+        assert_eq!(bad("{}").field, "quota_cluster");
+        assert_eq!(bad(r#"{"quota_cluster":"  "}"#).field, "quota_cluster");
+    }
+
+    #[test]
+    fn unknown_fields_are_named_at_every_level() {
+        assert_eq!(bad(r#"{"quota_cluster":"q","timeout":5}"#).field, "timeout");
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a","costt":2}]}"#).field, "policies[0].costt");
+        assert_eq!(
+            bad(r#"{"quota_cluster":"q","policies":[{"name":"a","limits":{"week":2}}]}"#).field,
+            "policies[0].limits.week"
+        );
+    }
+
+    #[test]
+    fn zero_negative_fractional_and_huge_numbers_are_rejected_with_the_field() {
+        let e = bad(r#"{"quota_cluster":"q","timeout_ms":0}"#);
+        assert_eq!(e.field, "timeout_ms");
+        assert!(e.message.contains("greater than 0"));
+        let e = bad(r#"{"quota_cluster":"q","policies":[{"name":"a","cost":-5}]}"#);
+        assert_eq!(e.field, "policies[0].cost");
+        assert!(e.message.contains("negative"));
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"cost":1.5}}"#).field, "default_policy.cost");
+        assert_eq!(bad(r#"{"quota_cluster":"q","timeout_ms":18446744073709551616}"#).field, "timeout_ms");
+        assert_eq!(bad(r#"{"quota_cluster":"q","timeout_ms":"100"}"#).field, "timeout_ms");
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a","limits":{"hour":-1}}]}"#).field, "policies[0].limits.hour");
+    }
+
+    #[test]
+    fn route_limit_zero_is_allowed_to_close_a_route() {
+        let c = compile(br#"{"quota_cluster":"q","policies":[{"name":"off","path_prefix":"/off/","limits":{"day":0}}]}"#).unwrap();
+        assert_eq!(c.select("/off/x", None, None).limits, vec![RouteLimit { window: Window::Day, limit: 0 }]);
+    }
+
+    #[test]
+    fn bad_failure_mode_names_and_policy_names_are_rejected() {
+        assert_eq!(bad(r#"{"quota_cluster":"q","failure_mode":"maybe"}"#).field, "failure_mode");
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a b"}]}"#).field, "policies[0].name");
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"path_prefix":"/a"}]}"#).field, "policies[0].name");
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a"},{"name":"a"}]}"#).field, "policies[1].name");
+        assert_eq!(bad(r#"{"quota_cluster":"q","tenant_header":"x-sluice-tenant"}"#).field, "tenant_header");
+        assert_eq!(bad("[1]").field, "(config)");
+        assert_eq!(bad("not json").field, "(config)");
+    }
+
+    #[test]
+    fn h14_policy_selection_prefers_metadata_then_route_name_then_longest_prefix() {
+        let c = compile(
+            br#"{"quota_cluster":"q","failure_mode":"closed","exempt_paths":["/healthz","/static/*"],
+                "policies":[
+                  {"name":"llm","path_prefix":"/v1/llm/","cost":5,"limits":{"hour":50}},
+                  {"name":"v1","path_prefix":"/v1/","failure_mode":"open"},
+                  {"name":"chat","route_name":"chat_route","cost":2}
+                ]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.select("/v1/llm/complete", None, None).name, "llm");
+        assert_eq!(c.select("/v1/llm/complete", None, None).cost, 5);
+        assert_eq!(c.select("/v1/llm/complete", None, None).failure_mode, FailureMode::Closed);
+        assert_eq!(c.select("/v1/other", None, None).name, "v1");
+        assert_eq!(c.select("/v1/other", None, None).failure_mode, FailureMode::Open);
+        assert_eq!(c.select("/api/x", None, None).name, "default");
+        assert_eq!(c.select("/v1/llm/x", Some("chat_route"), None).name, "chat");
+        assert_eq!(c.select("/v1/llm/x", Some("chat_route"), Some("v1")).name, "v1");
+        assert_eq!(c.select("/x", None, Some("no-such-policy")).name, "default");
+        assert!(c.is_exempt_path("/healthz"));
+        assert!(!c.is_exempt_path("/healthzz"));
+        assert!(c.is_exempt_path("/static/app.js"));
+        assert!(!c.is_exempt_path("/v1/llm"));
+    }
+}

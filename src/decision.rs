@@ -1,0 +1,281 @@
+//! What the filter does with a request once it knows (or can not know) the
+//! quota service's answer. Pure functions over plain data: every header and
+//! body a client can see from Sluice is computed here, in one place.
+
+use crate::config::FailureMode;
+use serde_json::{json, Value};
+use sluice_wire::{CheckResponse, WindowState};
+use std::fmt::Write;
+
+/// Response headers Sluice owns: removed from upstream responses before
+/// ours are set, so a client never sees two of them.
+pub const OWNED_RESPONSE_HEADERS: &[&str] =
+    &["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy", "ratelimit"];
+
+pub type Headers = Vec<(&'static str, String)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forward the request; put these headers on the response (none when
+    /// the decision was a failed-open guess: no invented numbers).
+    Admit { headers: Headers },
+    /// Answer locally.
+    Reply { status: u32, headers: Headers, body: String },
+}
+
+/// Why a callout did not produce a usable decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalloutFailure {
+    /// `dispatch_http_call` refused (unknown cluster, bad arguments).
+    Dispatch,
+    /// No `:status`: Envoy reports a timeout or a reset this way.
+    NoResponse,
+    /// A status other than 200.
+    Status,
+    /// A 200 whose body is not a well-formed decision.
+    Malformed,
+}
+
+impl CalloutFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CalloutFailure::Dispatch => "dispatch_failed",
+            CalloutFailure::NoResponse => "no_response_or_timeout",
+            CalloutFailure::Status => "non_200_status",
+            CalloutFailure::Malformed => "malformed_answer",
+        }
+    }
+}
+
+/// Largest callout answer the filter will parse. A real answer is a few
+/// hundred bytes; anything bigger is a misbehaving cluster.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Validates and parses the quota service's answer.
+pub fn parse_answer(status: Option<&[u8]>, body: Option<&[u8]>) -> Result<CheckResponse, CalloutFailure> {
+    match status {
+        None => return Err(CalloutFailure::NoResponse),
+        Some(b"200") => {}
+        Some(_) => return Err(CalloutFailure::Status),
+    }
+    let body = body.ok_or(CalloutFailure::Malformed)?;
+    if body.len() > MAX_ANSWER_BYTES {
+        return Err(CalloutFailure::Malformed);
+    }
+    let resp: CheckResponse = serde_json::from_slice(body).map_err(|_| CalloutFailure::Malformed)?;
+    let consistent = !resp.windows.is_empty()
+        && resp.binding < resp.windows.len()
+        && resp.windows.iter().all(|w| w.remaining <= w.limit && !w.name.is_empty() && w.name.bytes().all(is_sf_safe));
+    if consistent {
+        Ok(resp)
+    } else {
+        Err(CalloutFailure::Malformed)
+    }
+}
+
+/// Bytes that can go inside a structured-field string without escaping and
+/// that a window name from our own service uses.
+fn is_sf_safe(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
+}
+
+/// Turns a decision into what the client gets.
+pub fn decide(resp: &CheckResponse) -> Outcome {
+    let Some(binding) = resp.windows.get(resp.binding) else {
+        // parse_answer guarantees the index; stay total anyway.
+        return Outcome::Admit { headers: Vec::new() };
+    };
+    let mut headers = rate_limit_headers(&resp.windows, binding);
+    if resp.allowed {
+        return Outcome::Admit { headers };
+    }
+    let retry_after = resp.retry_after.unwrap_or(binding.reset_in).max(1);
+    headers.push(("retry-after", retry_after.to_string()));
+    let body = json!({
+        "error": "quota_exceeded",
+        "message": format!("tenant quota exceeded for the {} window", binding.name),
+        "window": binding.name,
+        "limit": binding.limit,
+        "remaining": 0,
+        "reset": binding.reset,
+        "retry_after": retry_after,
+        "tier": resp.tier,
+    });
+    reply(429, headers, &body)
+}
+
+/// The five rate-limit fields for a decision. The X- fields describe the
+/// binding window; the IETF fields list every window.
+pub fn rate_limit_headers(windows: &[WindowState], binding: &WindowState) -> Headers {
+    let mut policy = String::new();
+    let mut state = String::new();
+    for (i, w) in windows.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        let _ = write!(policy, "{sep}\"{}\";q={};w={}", w.name, w.limit, w.window.nominal_secs());
+        let _ = write!(state, "{sep}\"{}\";r={};t={}", w.name, w.remaining, w.reset_in);
+    }
+    vec![
+        ("x-ratelimit-limit", binding.limit.to_string()),
+        ("x-ratelimit-remaining", binding.remaining.to_string()),
+        ("x-ratelimit-reset", binding.reset.to_string()),
+        ("ratelimit-policy", policy),
+        ("ratelimit", state),
+    ]
+}
+
+/// The route's failure mode, applied when no decision could be had.
+pub fn on_failure(mode: FailureMode, retry_after_s: u64, why: CalloutFailure) -> Outcome {
+    match mode {
+        FailureMode::Open => Outcome::Admit { headers: Vec::new() },
+        FailureMode::Closed => reply(
+            503,
+            vec![("retry-after", retry_after_s.to_string())],
+            &json!({
+                "error": "quota_service_unavailable",
+                "message": "the quota service could not be reached; try again shortly",
+                "reason": why.as_str(),
+                "retry_after": retry_after_s,
+            }),
+        ),
+    }
+}
+
+pub fn missing_tenant(header: &str) -> Outcome {
+    reply(
+        401,
+        Vec::new(),
+        &json!({"error": "missing_tenant", "message": format!("the {header} header is required")}),
+    )
+}
+
+pub fn invalid_tenant(header: &str, reason: &str) -> Outcome {
+    reply(
+        400,
+        Vec::new(),
+        &json!({"error": "invalid_tenant", "message": format!("invalid {header} header: {reason}")}),
+    )
+}
+
+fn reply(status: u32, mut headers: Headers, body: &Value) -> Outcome {
+    headers.push(("content-type", "application/json".to_string()));
+    headers.push(("cache-control", "no-store".to_string()));
+    Outcome::Reply { status, headers, body: body.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_wire::Window;
+
+    fn win(name: &str, window: Window, limit: u64, used: u64, reset_in: u64) -> WindowState {
+        WindowState {
+            name: name.into(),
+            window,
+            limit,
+            used,
+            remaining: limit.saturating_sub(used),
+            reset: 1_700_000_000 + reset_in,
+            reset_in,
+        }
+    }
+
+    fn header<'a>(h: &'a Headers, name: &str) -> Vec<&'a str> {
+        h.iter().filter(|(k, _)| *k == name).map(|(_, v)| v.as_str()).collect()
+    }
+
+    #[test]
+    fn admitted_decision_sets_one_of_each_field_from_the_binding_window() {
+        let resp = CheckResponse {
+            allowed: true,
+            tier: "free".into(),
+            windows: vec![win("hour", Window::Hour, 100, 99, 600), win("day", Window::Day, 1000, 99, 7200)],
+            binding: 0,
+            retry_after: None,
+        };
+        let Outcome::Admit { headers } = decide(&resp) else { panic!("not admitted") };
+        assert_eq!(header(&headers, "x-ratelimit-limit"), ["100"]);
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), ["1"]);
+        assert_eq!(header(&headers, "x-ratelimit-reset"), ["1700000600"]);
+        assert_eq!(header(&headers, "ratelimit-policy"), [r#""hour";q=100;w=3600, "day";q=1000;w=86400"#]);
+        assert_eq!(header(&headers, "ratelimit"), [r#""hour";r=1;t=600, "day";r=901;t=7200"#]);
+        assert!(header(&headers, "retry-after").is_empty());
+    }
+
+    #[test]
+    fn h06_h07_denial_has_retry_after_in_whole_seconds_until_the_binding_reset() {
+        let resp = CheckResponse {
+            allowed: false,
+            tier: "free".into(),
+            windows: vec![win("hour", Window::Hour, 10, 10, 600)],
+            binding: 0,
+            retry_after: Some(600),
+        };
+        let Outcome::Reply { status, headers, body } = decide(&resp) else { panic!("not a reply") };
+        assert_eq!(status, 429);
+        assert_eq!(header(&headers, "retry-after"), ["600"]);
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "quota_exceeded");
+        assert_eq!(v["window"], "hour");
+        assert_eq!(v["limit"], 10);
+        assert_eq!(v["remaining"], 0);
+        assert_eq!(v["retry_after"], 600);
+        assert_eq!(v["reset"], 1_700_000_600u64);
+        assert_eq!(v["tier"], "free");
+    }
+
+    #[test]
+    fn h16_zero_limit_denial_has_sane_headers() {
+        let resp = CheckResponse {
+            allowed: false,
+            tier: "suspended".into(),
+            windows: vec![win("hour", Window::Hour, 0, 0, 5)],
+            binding: 0,
+            retry_after: Some(0),
+        };
+        let Outcome::Reply { status, headers, .. } = decide(&resp) else { panic!("not a reply") };
+        assert_eq!(status, 429);
+        assert_eq!(header(&headers, "x-ratelimit-limit"), ["0"]);
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
+        assert_eq!(header(&headers, "retry-after"), ["1"], "Retry-After is never 0");
+    }
+
+    #[test]
+    fn malformed_answers_are_failures_not_decisions() {
+        assert_eq!(parse_answer(None, None), Err(CalloutFailure::NoResponse));
+        assert_eq!(parse_answer(Some(b"503"), Some(b"{}")), Err(CalloutFailure::Status));
+        assert_eq!(parse_answer(Some(b"200"), None), Err(CalloutFailure::Malformed));
+        for body in [&b""[..], b"null", b"{}", b"\xff\xfe", br#"{"allowed":"yes","tier":"f","windows":[],"binding":0}"#,
+            br#"{"allowed":true,"tier":"f","windows":[],"binding":0}"#,
+            br#"{"allowed":true,"tier":"f","windows":[{"name":"hour","window":"hour","limit":1,"used":0,"remaining":1,"reset":1,"reset_in":1}],"binding":3}"#,
+            br#"{"allowed":true,"tier":"f","windows":[{"name":"ho\"ur","window":"hour","limit":1,"used":0,"remaining":1,"reset":1,"reset_in":1}],"binding":0}"#,
+            br#"{"allowed":true,"tier":"f","windows":[{"name":"hour","window":"hour","limit":1,"used":0,"remaining":-1,"reset":1,"reset_in":1}],"binding":0}"#] {
+            assert_eq!(parse_answer(Some(b"200"), Some(body)), Err(CalloutFailure::Malformed), "{:?}", String::from_utf8_lossy(body));
+        }
+        let huge = vec![b' '; MAX_ANSWER_BYTES + 1];
+        assert_eq!(parse_answer(Some(b"200"), Some(&huge)), Err(CalloutFailure::Malformed));
+    }
+
+    #[test]
+    fn h11_fail_open_admits_without_invented_headers_and_fail_closed_is_a_short_503() {
+        assert_eq!(on_failure(FailureMode::Open, 1, CalloutFailure::NoResponse), Outcome::Admit { headers: vec![] });
+        let Outcome::Reply { status, headers, body } = on_failure(FailureMode::Closed, 2, CalloutFailure::Dispatch) else {
+            panic!("closed must reply")
+        };
+        assert_eq!(status, 503);
+        assert_eq!(header(&headers, "retry-after"), ["2"]);
+        assert!(header(&headers, "x-ratelimit-limit").is_empty());
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "quota_service_unavailable");
+    }
+
+    #[test]
+    fn tenant_errors_are_json_401_and_400() {
+        let Outcome::Reply { status, body, .. } = missing_tenant("x-tenant-id") else { panic!() };
+        assert_eq!(status, 401);
+        assert!(body.contains(r#""error":"missing_tenant""#));
+        let Outcome::Reply { status, body, .. } = invalid_tenant("x-tenant-id", "too long") else { panic!() };
+        assert_eq!(status, 400);
+        assert!(body.contains(r#""error":"invalid_tenant""#));
+    }
+}

@@ -1,0 +1,24 @@
+//! Sluice filter: per-tenant quotas for Envoy, as a proxy-wasm HTTP filter.
+//!
+//! Map of the crate:
+//! - [`config`]: plugin JSON -> validated, compiled config (pure).
+//! - [`tenant`]: tenant id rules (pure).
+//! - [`decision`]: callout answer -> admit / local reply, and every header
+//!   and body the client sees (pure).
+//! - [`pairs`]: panic-free decoding of proxy-wasm header maps (pure).
+//! - `filter` (wasm32 only): the proxy-wasm adapter; one small state machine
+//!   per request, advanced by host callbacks.
+//!
+//! Everything but the adapter builds and is unit-tested on the native target.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
+pub mod config;
+pub mod decision;
+pub mod pairs;
+pub mod tenant;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;
+
+pub use sluice_wire as wire;

@@ -1,0 +1,155 @@
+//! Wire types spoken between the Sluice filter (inside Envoy) and the quota
+//! service. Both sides depend on this crate, so the contract is defined once.
+//!
+//! The filter POSTs a [`CheckRequest`] as JSON to `/v1/check` on the quota
+//! cluster and reads back a [`CheckResponse`]. Field names are short but
+//! readable; every optional field has a serde default so either side can be
+//! upgraded first.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the decision endpoint on the quota service.
+pub const CHECK_PATH: &str = "/v1/check";
+
+/// Longest tenant id accepted anywhere, in bytes.
+pub const MAX_TENANT_LEN: usize = 128;
+
+/// Whether `id` is a tenant id Sluice accepts: 1..=128 bytes of
+/// `A-Z a-z 0-9 . _ - : @`. The set excludes `{`, `}` (Redis Cluster hash-tag
+/// delimiters), `,` (header list joining), whitespace, control characters and
+/// any non-ASCII byte, so an id can be embedded in Redis keys, JSON and
+/// headers without escaping.
+pub fn is_valid_tenant(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_TENANT_LEN && id.iter().all(|b| is_tenant_byte(*b))
+}
+
+/// One byte of the tenant safe set (see [`is_valid_tenant`]).
+pub fn is_tenant_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'@')
+}
+
+/// Whether `name` is a valid policy (route) name: 1..=64 bytes of
+/// `A-Z a-z 0-9 . _ -`. Route names become part of Redis keys.
+pub fn is_valid_policy_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The calendar windows a quota can be counted over (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Window {
+    Hour,
+    Day,
+    Month,
+}
+
+impl Window {
+    pub const ALL: [Window; 3] = [Window::Hour, Window::Day, Window::Month];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Window::Hour => "hour",
+            Window::Day => "day",
+            Window::Month => "month",
+        }
+    }
+
+    /// Nominal length in seconds, used for the `w` parameter of
+    /// `RateLimit-Policy` (a calendar month is advertised as 30 days).
+    pub fn nominal_secs(self) -> u64 {
+        match self {
+            Window::Hour => 3_600,
+            Window::Day => 86_400,
+            Window::Month => 2_592_000,
+        }
+    }
+}
+
+/// A limit attached to a route policy in the filter config, counted on top of
+/// the tenant's tier windows under the policy's own name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteLimit {
+    pub window: Window,
+    pub limit: u64,
+}
+
+/// Body of `POST /v1/check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRequest {
+    /// Already validated with [`is_valid_tenant`] by the filter; the service
+    /// validates again.
+    pub tenant: String,
+    /// Units this request costs (the route's weight), >= 1.
+    #[serde(default = "one")]
+    pub cost: u64,
+    /// Name of the route policy that matched (for route-specific windows and
+    /// for metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Route-specific windows, counted under `policy` in the same atomic step
+    /// as the tenant's tier windows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route_limits: Vec<RouteLimit>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// State of one window after the decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowState {
+    /// Policy name for headers: `hour`, `day`, `month` for tier windows,
+    /// `<policy>-<window>` for route windows.
+    pub name: String,
+    pub window: Window,
+    pub limit: u64,
+    /// Units used in the window after this decision.
+    pub used: u64,
+    pub remaining: u64,
+    /// Unix epoch seconds at which the window resets.
+    pub reset: u64,
+    /// Whole seconds from the decision until the reset (>= 1).
+    pub reset_in: u64,
+}
+
+/// Body of a 200 answer from `POST /v1/check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResponse {
+    pub allowed: bool,
+    pub tier: String,
+    /// Every window that applied, tier windows first.
+    pub windows: Vec<WindowState>,
+    /// Index into `windows` of the binding window: when denied, the exceeded
+    /// window that resets last (the earliest moment a retry can succeed);
+    /// when allowed, the window with the fewest remaining units.
+    pub binding: usize,
+    /// When denied: whole seconds until the request could be admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
+/// JSON error body used by the filter's local replies and the service alike:
+/// `{"error":"<code>","message":"<human text>", ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_safe_set_accepts_typical_ids_and_rejects_delimiters() {
+        assert!(is_valid_tenant(b"acme-corp_01.eu:prod@x"));
+        for bad in [&b""[..], b"a b", b"a,b", b"{a}", b"caf\xc3\xa9", b"\x80", b"a\tb"] {
+            assert!(!is_valid_tenant(bad), "{bad:?}");
+        }
+        assert!(is_valid_tenant(&[b'a'; 128]));
+        assert!(!is_valid_tenant(&[b'a'; 129]));
+    }
+}
