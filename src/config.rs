@@ -209,7 +209,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
             policies.push(policy);
         }
     }
-    by_prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    by_prefix.sort_by_key(|(p, _): &(String, usize)| std::cmp::Reverse(p.len()));
 
     Ok(CompiledConfig {
         quota_cluster,
