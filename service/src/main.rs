@@ -1,0 +1,217 @@
+//! `sluice`: parses flags (with environment defaults) and hands over to the
+//! library. All behaviour lives in `sluice_service`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use sluice_service::config::{Secret, ServeOptions};
+
+/// How long in-flight requests may take to finish after SIGINT/SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Sluice per-tenant quota service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the quota service (POST /v1/check, admin API, metrics).
+    Serve(ServeArgs),
+    /// Run the OpenAI-compatible demo upstream used by `make run` and the tests.
+    DemoUpstream(DemoArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (HTTP/1.1 and h2c on the same port).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6380/",
+        hide_env_values = true
+    )]
+    redis_url: String,
+    /// Tiers JSON file (built-in tiers when absent).
+    #[arg(long, env = "SLUICE_TIERS")]
+    tiers: Option<PathBuf>,
+    /// Admin API bearer token (admin API disabled when no token is set).
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
+    )]
+    admin_token: Option<String>,
+    /// File holding the admin token (a trailing newline is ignored).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Tier of tenants without one [default: the tiers file's, else free].
+    #[arg(long, env = "SLUICE_DEFAULT_TIER")]
+    default_tier: Option<String>,
+    /// Bound on every Redis call, in milliseconds.
+    #[arg(long, env = "SLUICE_REDIS_TIMEOUT_MS", default_value_t = 250)]
+    redis_timeout_ms: u64,
+    /// Enable PUT /v1/admin/test-clock (tests only).
+    #[arg(long, env = "SLUICE_ENABLE_TEST_CLOCK", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    enable_test_clock: bool,
+    /// Validate flags and the tiers file, print a summary and exit (never connects).
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8082")]
+    listen: SocketAddr,
+}
+
+fn init_logging() {
+    let level = match std::env::var("RUST_LOG")
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "error" => tracing::Level::ERROR,
+        "warn" => tracing::Level::WARN,
+        "debug" => tracing::Level::DEBUG,
+        "trace" => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received, draining");
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::DemoUpstream(args) => {
+            init_logging();
+            let listener = match tokio::net::TcpListener::bind(args.listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("sluice: cannot listen on {}: {e}", args.listen);
+                    return ExitCode::FAILURE;
+                }
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let server = sluice_service::run_demo_upstream(listener, async move {
+                let _ = rx.await;
+            });
+            serve_with_trigger(server, tx).await
+        }
+    }
+}
+
+/// Runs `server`, firing `trigger` (its graceful-shutdown input) on
+/// SIGINT/SIGTERM, then gives in-flight requests DRAIN_TIMEOUT to finish.
+async fn serve_with_trigger<F, E>(server: F, trigger: tokio::sync::oneshot::Sender<()>) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = trigger.send(());
+        let _ = sig_tx.send(());
+    });
+    let mut task = tokio::spawn(server);
+    let result = tokio::select! {
+        r = &mut task => r,
+        _ = sig_rx => match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("drain timed out; exiting");
+                return ExitCode::SUCCESS;
+            }
+        },
+    };
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            tracing::error!("server task failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let options = ServeOptions {
+        redis_url: args.redis_url,
+        tiers_file: args.tiers,
+        admin_token: args.admin_token.map(Secret::new),
+        admin_token_file: args.admin_token_file,
+        default_tier: args.default_tier,
+        redis_timeout_ms: args.redis_timeout_ms,
+        enable_test_clock: args.enable_test_clock,
+    };
+    let config = match options.compile() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_config {
+        println!("configuration OK");
+        println!("listen:           {}", args.listen);
+        print!("{}", config.summary());
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("sluice: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = sluice_service::run(listener, config, async move {
+        let _ = rx.await;
+    });
+    serve_with_trigger(server, tx).await
+}
