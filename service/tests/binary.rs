@@ -275,7 +275,8 @@ async fn the_demo_upstream_answers_like_an_llm_api_and_counts_per_tenant_and_pat
         .await;
     assert_eq!(
         r.json,
-        json!({"method": "GET", "path": "/anything", "tenant": "a", "request_id": null})
+        json!({"method": "GET", "path": "/anything", "tenant": "a", "request_id": null,
+               "header_names": ["x-tenant-id"]})
     );
     let r = http
         .send(
