@@ -46,7 +46,10 @@ stop_all() {
   [ "$stopping" = 1 ] && return
   [ "${#pids[@]}" -gt 0 ] || return 0
   stopping=1
-  trap - INT TERM HUP
+  # Ignore further signals while stopping: `kill -TERM -- -<pgid>` reaches this
+  # script twice (once directly, once forwarded by make), and a second one must
+  # not cut the stop short and leave the children running.
+  trap '' INT TERM HUP
   # Stop the children even if our terminal or pipe is gone (say would die of SIGPIPE).
   trap '' PIPE
   say "stopping..."
@@ -123,11 +126,12 @@ Sluice is up. Logs: .run/logs/   Ctrl-C stops everything.
   # no tenant header: 401; exempt path: no quota
   curl -i localhost:$ENVOY_PORT/v1/models
   curl -i localhost:$ENVOY_PORT/healthz
-  # flood the free tier (100/hour): the last ones are 429
-  for i in \$(seq 1 101); do curl -s -o /dev/null -w '%{http_code}\\n' localhost:$ENVOY_PORT/v1/models -H 'x-tenant-id: flood'; done | sort | uniq -c
+  # flood the free tier (100/hour): 100 admitted, then 429
+  T=flood-\$(date +%s)
+  for i in \$(seq 1 101); do curl -s -o /dev/null -w '%{http_code}\\n' localhost:$ENVOY_PORT/v1/models -H "x-tenant-id: \$T"; done | sort | uniq -c
   # admin: see and change a tenant
-  curl -s localhost:8081/v1/admin/tenants/flood -H "authorization: Bearer $ADMIN_TOKEN"
-  curl -s -X PUT localhost:8081/v1/admin/tenants/flood/tier -H "authorization: Bearer $ADMIN_TOKEN" \\
+  curl -s localhost:8081/v1/admin/tenants/\$T -H "authorization: Bearer $ADMIN_TOKEN"
+  curl -s -X PUT localhost:8081/v1/admin/tenants/\$T/tier -H "authorization: Bearer $ADMIN_TOKEN" \\
        -H 'content-type: application/json' -d '{"tier":"pro"}'
   # filter counters
   curl -s localhost:$ADMIN_PORT/stats/prometheus | grep '^sluice_'

@@ -56,7 +56,11 @@ pub fn parse_answer(status: Option<&[u8]>, body: Option<&[u8]>) -> Result<CheckR
     match status {
         None => return Err(CalloutFailure::NoResponse),
         Some(b"200") => {}
-        Some(_) => return Err(CalloutFailure::Status),
+        // Envoy answers a callout that timed out (504) or could not connect
+        // (503) with its own plain-text local reply; the service's errors are
+        // always JSON `{"error":...}`. Only the latter is a real non-200 answer.
+        Some(_) if body.is_some_and(is_service_error) => return Err(CalloutFailure::Status),
+        Some(_) => return Err(CalloutFailure::NoResponse),
     }
     let body = body.ok_or(CalloutFailure::Malformed)?;
     if body.len() > MAX_ANSWER_BYTES {
@@ -71,6 +75,13 @@ pub fn parse_answer(status: Option<&[u8]>, body: Option<&[u8]>) -> Result<CheckR
     } else {
         Err(CalloutFailure::Malformed)
     }
+}
+
+/// Whether a non-200 callout body is an error answer of the quota service
+/// (`{"error":"<code>",...}`) rather than a local reply of Envoy's.
+fn is_service_error(body: &[u8]) -> bool {
+    body.len() <= MAX_ANSWER_BYTES
+        && serde_json::from_slice::<sluice_wire::ErrorBody>(body).is_ok_and(|e| !e.error.is_empty())
 }
 
 /// Bytes that can go inside a structured-field string without escaping and
@@ -243,7 +254,16 @@ mod tests {
     #[test]
     fn malformed_answers_are_failures_not_decisions() {
         assert_eq!(parse_answer(None, None), Err(CalloutFailure::NoResponse));
-        assert_eq!(parse_answer(Some(b"503"), Some(b"{}")), Err(CalloutFailure::Status));
+        let service_error = br#"{"error":"redis_unavailable","message":"the quota store is unavailable"}"#;
+        assert_eq!(parse_answer(Some(b"503"), Some(service_error)), Err(CalloutFailure::Status));
+        assert_eq!(parse_answer(Some(b"400"), Some(service_error)), Err(CalloutFailure::Status));
+        // Envoy's own local replies: a callout timeout and a refused connection.
+        assert_eq!(parse_answer(Some(b"504"), Some(b"upstream request timeout")), Err(CalloutFailure::NoResponse));
+        assert_eq!(
+            parse_answer(Some(b"503"), Some(b"upstream connect error or disconnect/reset before headers")),
+            Err(CalloutFailure::NoResponse)
+        );
+        assert_eq!(parse_answer(Some(b"503"), Some(b"{}")), Err(CalloutFailure::NoResponse));
         assert_eq!(parse_answer(Some(b"200"), None), Err(CalloutFailure::Malformed));
         for body in [&b""[..], b"null", b"{}", b"\xff\xfe", br#"{"allowed":"yes","tier":"f","windows":[],"binding":0}"#,
             br#"{"allowed":true,"tier":"f","windows":[],"binding":0}"#,

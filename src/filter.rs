@@ -115,7 +115,7 @@ fn probe_cluster(c: &CompiledConfig) {
         .is_err()
     {
         log::error!(
-            "sluice: quota_cluster {:?} is not a cluster this Envoy knows; every request will take its route's failure mode",
+            "quota_cluster {:?} is not a cluster this Envoy knows; every request will take its route's failure mode",
             c.quota_cluster
         );
     }
@@ -145,7 +145,7 @@ impl Request {
                 self.phase = Phase::Done;
                 let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 if hostcalls::send_http_response(status, hs, Some(body.as_bytes())).is_err() {
-                    log::warn!("sluice: could not send the local {status} reply");
+                    log::warn!("could not send the local {status} reply");
                 }
                 Action::Pause
             }
@@ -253,7 +253,7 @@ impl Request {
                 Action::Pause
             }
             Err(status) => {
-                log::warn!("sluice: dispatch to {:?} failed: {status:?}", config.quota_cluster);
+                log::warn!("dispatch to {:?} failed: {status:?}", config.quota_cluster);
                 let outcome = self.fail(failure_mode, retry_after_s, CalloutFailure::Dispatch);
                 self.finish(outcome)
             }
@@ -306,7 +306,7 @@ impl Context for Request {
                 decision::decide(&resp)
             }
             Err(why) => {
-                log::warn!("sluice: quota callout failed: {}", why.as_str());
+                log::warn!("quota callout failed: {}", why.as_str());
                 self.fail(failure_mode, retry_after_s, why)
             }
         };

@@ -100,7 +100,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantPath {
             .map_err(|_| ApiError::invalid_tenant("the tenant in the path is not valid UTF-8"))?;
         if !sluice_wire::is_valid_tenant(tenant.as_bytes()) {
             return Err(ApiError::invalid_tenant(
-                "tenant must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @",
+                "tenant: must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @",
             ));
         }
         Ok(TenantPath(tenant))

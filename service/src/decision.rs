@@ -27,38 +27,38 @@ pub struct ValidCheck {
 pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
     if !sluice_wire::is_valid_tenant(req.tenant.as_bytes()) {
         return Err(Invalid::Tenant(
-            "tenant must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @".to_string(),
+            "tenant: must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @".to_string(),
         ));
     }
     if !(MIN_COST..=MAX_COST).contains(&req.cost) {
         return Err(Invalid::Request(format!(
-            "cost must be between {MIN_COST} and {MAX_COST}, got {}",
+            "cost: must be between {MIN_COST} and {MAX_COST}, got {}",
             req.cost
         )));
     }
     if let Some(policy) = &req.policy {
         if !sluice_wire::is_valid_policy_name(policy) {
             return Err(Invalid::Request(
-                "policy must be 1..=64 bytes of A-Z a-z 0-9 . _ -".to_string(),
+                "policy: must be 1..=64 bytes of A-Z a-z 0-9 . _ -".to_string(),
             ));
         }
     }
     if req.route_limits.len() > MAX_ROUTE_LIMITS {
         return Err(Invalid::Request(format!(
-            "route_limits may have at most {MAX_ROUTE_LIMITS} entries, got {}",
+            "route_limits: may have at most {MAX_ROUTE_LIMITS} entries, got {}",
             req.route_limits.len()
         )));
     }
     if !req.route_limits.is_empty() && req.policy.is_none() {
         return Err(Invalid::Request(
-            "policy is required when route_limits are given (route counters are kept per policy)"
+            "policy: is required when route_limits are given (route counters are kept per policy)"
                 .to_string(),
         ));
     }
     for (i, rl) in req.route_limits.iter().enumerate() {
         if rl.limit > MAX_LIMIT {
             return Err(Invalid::Request(format!(
-                "route_limits[{i}].limit must be at most {MAX_LIMIT}"
+                "route_limits[{i}].limit: must be at most {MAX_LIMIT}"
             )));
         }
         // Two entries for one window would share one counter and be charged twice.

@@ -196,9 +196,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check_config {
-        println!("configuration OK");
-        println!("listen:           {}", args.listen);
-        print!("{}", config.summary());
+        // Written with write! so a closed pipe (`| head`) is not a panic.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = write!(
+            out,
+            "configuration OK\nlisten:           {}\n{}",
+            args.listen,
+            config.summary()
+        );
+        let _ = out.flush();
         return ExitCode::SUCCESS;
     }
     init_logging();

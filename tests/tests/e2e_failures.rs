@@ -26,7 +26,8 @@ fn timed(envoy: &Envoy, path: &str, tenant: &str) -> (Response, Duration) {
 /// Checks both failure modes once the quota backend is broken, with a bound
 /// on how long the filter may wait (the callout timeout plus a margin that a
 /// loaded 2-core CI machine needs).
-fn assert_failure_modes(s: &Stack, tenant: &str, bound: Duration, what: &str) {
+/// `reasons`: the `reason` values the fail-closed body may carry.
+fn assert_failure_modes(s: &Stack, tenant: &str, bound: Duration, what: &str, reasons: &[&str]) {
     let open_before = s.envoy.filter_counter("sluice.failed_open");
     let closed_before = s.envoy.filter_counter("sluice.failed_closed");
     let upstream_before = s.admitted(tenant);
@@ -44,6 +45,8 @@ fn assert_failure_modes(s: &Stack, tenant: &str, bound: Duration, what: &str) {
     assert_eq!(r.status, 503, "{what}: fail-closed: {}", r.text());
     assert!(took < bound, "{what}: fail-closed took {took:?}");
     assert_eq!(r.json()["error"], "quota_service_unavailable");
+    let reason = r.json()["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reasons.contains(&reason.as_str()), "{what}: reason {reason:?}, expected one of {reasons:?}");
     let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!((1..=5).contains(&retry), "{what}: a short Retry-After, got {retry}");
     assert_eq!(s.admitted(tenant), upstream_before + 1, "{what}: fail-closed sends nothing upstream");
@@ -55,7 +58,7 @@ fn h11_redis_stopped_fails_open_and_closed_per_route_and_recovers() {
     let mut s = Stack::start();
     assert_eq!(s.get(OPEN_PATH, "h11").status, 200);
     s.redis.stop();
-    assert_failure_modes(&s, "h11", Duration::from_secs(3), "redis stopped");
+    assert_failure_modes(&s, "h11", Duration::from_secs(3), "redis stopped", &["non_200_status", "no_response_or_timeout"]);
     s.redis.restart();
     let mut ok = false;
     for _ in 0..50 {
@@ -75,7 +78,8 @@ fn h11_redis_black_holed_fails_within_the_timeout() {
     let s = Stack::start();
     assert_eq!(s.get(OPEN_PATH, "h11b").status, 200);
     s.redis.pause();
-    assert_failure_modes(&s, "h11b", Duration::from_secs(2), "redis black-holed");
+    // The service gives Redis 250 ms, longer than the filter's 100 ms timeout.
+    assert_failure_modes(&s, "h11b", Duration::from_secs(2), "redis black-holed", &["no_response_or_timeout"]);
     s.redis.resume();
 }
 
@@ -84,7 +88,8 @@ fn h11_quota_service_stopped_fails_open_and_closed_per_route() {
     let mut s = Stack::start();
     assert_eq!(s.get(OPEN_PATH, "h11c").status, 200);
     s.service.process().stop();
-    assert_failure_modes(&s, "h11c", Duration::from_secs(2), "service stopped");
+    // Envoy's own 503 local reply (connection refused) is not an answer of the service.
+    assert_failure_modes(&s, "h11c", Duration::from_secs(2), "service stopped", &["no_response_or_timeout"]);
 }
 
 /// Accepts connections and reads forever without answering: a quota
@@ -112,7 +117,7 @@ fn h11_a_quota_service_slower_than_the_200ms_timeout_takes_the_failure_mode_in_t
     cfg["policies"][0]["failure_mode"] = json!("closed");
     let envoy = Envoy::start(EnvoyOpts::new(cfg, slow, upstream.addr()));
     let s = Stack { envoy, upstream, service, redis };
-    assert_failure_modes(&s, "slow", Duration::from_millis(1500), "service slower than the timeout");
+    assert_failure_modes(&s, "slow", Duration::from_millis(1500), "service slower than the timeout", &["no_response_or_timeout"]);
     let (_, took) = timed(&s.envoy, OPEN_PATH, "slow");
     assert!(took >= Duration::from_millis(150), "the filter did wait for the callout ({took:?})");
 }
