@@ -18,10 +18,9 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sluice_wire::Window;
 use subtle::ConstantTimeEq;
 
-use crate::config::{TierLimits, MAX_LIMIT, MAX_TEST_OFFSET_MS};
+use crate::config::{LimitField, TierLimits, MAX_LIMIT, MAX_TEST_OFFSET_MS};
 use crate::http::{ApiError, ApiJson, Shared};
 use crate::store::TenantStatus;
 
@@ -33,6 +32,10 @@ pub fn router(state: Shared) -> Router<Shared> {
         .route(
             "/tenants/{tenant}/limits",
             put(set_limits).delete(clear_limits),
+        )
+        .route(
+            "/tenants/{tenant}/storage",
+            put(set_storage).delete(clear_storage),
         );
     // Without the flag the route does not exist at all (404, like any unknown path).
     if state.config.enable_test_clock {
@@ -124,7 +127,8 @@ async fn tiers(State(state): State<Shared>) -> Json<Value> {
 
 #[derive(Serialize)]
 struct WindowView {
-    window: Window,
+    /// `hour`, `day`, `month`, `tokens_hour` or `tokens_month`.
+    window: String,
     current: u64,
     limit: u64,
     remaining: u64,
@@ -135,18 +139,19 @@ struct WindowView {
 }
 
 #[derive(Serialize)]
-struct CustomLimitsView {
-    hour: Option<u64>,
-    day: Option<u64>,
-    month: Option<u64>,
+struct StorageView {
+    used_bytes: u64,
+    limit_bytes: Option<u64>,
 }
 
 #[derive(Serialize)]
 struct TenantView {
     tenant: String,
     tier: String,
-    custom_limits: CustomLimitsView,
+    /// Every overridable limit ([`LimitField`]), `null` where the tier applies.
+    custom_limits: Map<String, Value>,
     windows: Vec<WindowView>,
+    storage: StorageView,
 }
 
 fn percent(current: u64, limit: u64) -> f64 {
@@ -158,16 +163,23 @@ fn percent(current: u64, limit: u64) -> f64 {
 }
 
 fn view(tenant: String, s: TenantStatus) -> TenantView {
-    let [hour, day, month] = s.custom;
     TenantView {
         tenant,
         tier: s.tier,
-        custom_limits: CustomLimitsView { hour, day, month },
+        custom_limits: s
+            .custom
+            .iter()
+            .map(|(f, v)| (f.as_str().to_string(), v.map_or(Value::Null, Value::from)))
+            .collect(),
+        storage: StorageView {
+            used_bytes: s.storage_used,
+            limit_bytes: s.storage_limit,
+        },
         windows: s
             .windows
             .into_iter()
             .map(|w| WindowView {
-                window: w.window,
+                window: w.name,
                 current: w.current,
                 limit: w.limit,
                 remaining: w.limit.saturating_sub(w.current),
@@ -228,25 +240,27 @@ async fn set_tier(
     status_of(&state, tenant).await
 }
 
-/// `{"hour":5000,"day":null}`: a number sets, null clears, an absent window
-/// is left alone.
-fn limit_changes(body: &Map<String, Value>) -> Result<Vec<(Window, Option<u64>)>, ApiError> {
+fn limit_names() -> String {
+    let names: Vec<&str> = LimitField::ALL.iter().map(|f| f.as_str()).collect();
+    names.join(", ")
+}
+
+/// `{"hour":5000,"day":null,"tokens_month":0}`: a number sets, null clears,
+/// an absent limit is left alone. Any [`LimitField`] can be overridden.
+fn limit_changes(body: &Map<String, Value>) -> Result<Vec<(LimitField, Option<u64>)>, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::invalid_request(
-            "set at least one of hour, day, month",
-        ));
+        return Err(ApiError::invalid_request(format!(
+            "set at least one of {}",
+            limit_names()
+        )));
     }
     let mut changes = Vec::new();
     for (field, value) in body {
-        let window = match field.as_str() {
-            "hour" => Window::Hour,
-            "day" => Window::Day,
-            "month" => Window::Month,
-            other => {
-                return Err(ApiError::invalid_request(format!(
-                    "{other}: unknown window (expected hour, day or month)"
-                )))
-            }
+        let Some(window) = LimitField::parse(field) else {
+            return Err(ApiError::invalid_request(format!(
+                "{field}: unknown limit (expected one of {})",
+                limit_names()
+            )));
         };
         let limit = match value {
             Value::Null => None,
@@ -289,6 +303,45 @@ async fn clear_limits(
     }
     state.metrics.admin_change("clear_limits");
     tracing::info!(tenant = %tenant, "admin: custom limits cleared");
+    status_of(&state, tenant).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetStorage {
+    used_bytes: u64,
+}
+
+/// The application reports how many bytes the tenant stores; upload routes
+/// are refused while it is at or over the tenant's `storage_bytes`.
+async fn set_storage(
+    State(state): State<Shared>,
+    TenantPath(tenant): TenantPath,
+    ApiJson(body): ApiJson<SetStorage>,
+) -> Result<Json<TenantView>, ApiError> {
+    if body.used_bytes > MAX_LIMIT {
+        return Err(ApiError::invalid_request(format!(
+            "used_bytes: must be at most {MAX_LIMIT}"
+        )));
+    }
+    if let Err(e) = state.store.set_storage(&tenant, Some(body.used_bytes)).await {
+        state.redis_failed("admin", &e);
+        return Err(ApiError::redis_unavailable(&e));
+    }
+    state.metrics.admin_change("set_storage");
+    tracing::info!(tenant = %tenant, used_bytes = body.used_bytes, "admin: storage use reported");
+    status_of(&state, tenant).await
+}
+
+async fn clear_storage(
+    State(state): State<Shared>,
+    TenantPath(tenant): TenantPath,
+) -> Result<Json<TenantView>, ApiError> {
+    if let Err(e) = state.store.set_storage(&tenant, None).await {
+        state.redis_failed("admin", &e);
+        return Err(ApiError::redis_unavailable(&e));
+    }
+    state.metrics.admin_change("set_storage");
     status_of(&state, tenant).await
 }
 
@@ -351,17 +404,16 @@ mod tests {
     #[test]
     fn limit_changes_name_the_bad_field() {
         let body: Map<String, Value> =
-            serde_json::from_str(r#"{"hour":5,"day":null,"month":0}"#).unwrap();
-        let mut c = limit_changes(&body).unwrap();
-        c.sort_by_key(|(w, _)| w.nominal_secs());
-        assert_eq!(
-            c,
-            vec![
-                (Window::Hour, Some(5)),
-                (Window::Day, None),
-                (Window::Month, Some(0))
-            ]
-        );
+            serde_json::from_str(r#"{"hour":5,"day":null,"month":0,"tokens_month":7}"#).unwrap();
+        let c = limit_changes(&body).unwrap();
+        for want in [
+            (LimitField::Hour, Some(5)),
+            (LimitField::Day, None),
+            (LimitField::Month, Some(0)),
+            (LimitField::TokensMonth, Some(7)),
+        ] {
+            assert!(c.contains(&want), "{c:?}");
+        }
         for (bad, field) in [
             (r#"{"hours":1}"#, "hours"),
             (r#"{"day":-1}"#, "day"),

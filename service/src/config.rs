@@ -19,6 +19,11 @@ pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
 pub const MIN_COST: u64 = 1;
 pub const MAX_COST: u64 = 1_000_000;
 
+/// How long a token reservation waits for its usage report (seconds). A
+/// report that comes later finds no reservation and changes nothing: the
+/// reservation stands.
+pub const RESERVATION_TTL_S: u64 = 3_600;
+
 /// Most route windows one check may carry; bounds the work of one script run.
 pub const MAX_ROUTE_LIMITS: usize = 8;
 
@@ -56,9 +61,9 @@ impl fmt::Display for Secret {
     }
 }
 
-/// Limits of one tier. Windows left out are not enforced for the tier; token
-/// and storage budgets are carried for the admin API and the filter but are
-/// not counted by the check script.
+/// Limits of one tier. A limit left out is not enforced for the tier. Token
+/// budgets (`tokens_hour`, `tokens_month`) are charged by checks that carry
+/// a token estimate; `storage_bytes` bounds uploads (see [`LimitField`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierLimits {
@@ -69,17 +74,75 @@ pub struct TierLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub month: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_hour: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_month: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_bytes: Option<u64>,
 }
 
+/// Every limit a tier (or a per-tenant override) can set, in the order the
+/// scripts take them. The admin API, the tiers table passed to the scripts
+/// and the tenant's cfg hash all iterate this one list, so a new limit is
+/// added here and nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitField {
+    Hour,
+    Day,
+    Month,
+    TokensHour,
+    TokensMonth,
+    StorageBytes,
+}
+
+impl LimitField {
+    pub const ALL: [LimitField; 6] = [
+        LimitField::Hour,
+        LimitField::Day,
+        LimitField::Month,
+        LimitField::TokensHour,
+        LimitField::TokensMonth,
+        LimitField::StorageBytes,
+    ];
+
+    /// The field name in tiers files, admin bodies and the cfg hash.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitField::Hour => "hour",
+            LimitField::Day => "day",
+            LimitField::Month => "month",
+            LimitField::TokensHour => "tokens_hour",
+            LimitField::TokensMonth => "tokens_month",
+            LimitField::StorageBytes => "storage_bytes",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<LimitField> {
+        LimitField::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+
+    pub fn of_window(window: Window) -> LimitField {
+        match window {
+            Window::Hour => LimitField::Hour,
+            Window::Day => LimitField::Day,
+            Window::Month => LimitField::Month,
+        }
+    }
+}
+
 impl TierLimits {
     pub fn window(&self, window: Window) -> Option<u64> {
-        match window {
-            Window::Hour => self.hour,
-            Window::Day => self.day,
-            Window::Month => self.month,
+        self.get(LimitField::of_window(window))
+    }
+
+    pub fn get(&self, field: LimitField) -> Option<u64> {
+        match field {
+            LimitField::Hour => self.hour,
+            LimitField::Day => self.day,
+            LimitField::Month => self.month,
+            LimitField::TokensHour => self.tokens_hour,
+            LimitField::TokensMonth => self.tokens_month,
+            LimitField::StorageBytes => self.storage_bytes,
         }
     }
 }
@@ -123,6 +186,7 @@ impl Tiers {
             hour: Some(h),
             day: Some(d),
             month: Some(m),
+            tokens_hour: None,
             tokens_month: Some(tokens),
             storage_bytes: Some(storage),
         };
@@ -181,12 +245,12 @@ impl Tiers {
                     "tiers.{name}: a tier needs at least one of hour, day, month"
                 )));
             }
-            for w in Window::ALL {
-                if let Some(limit) = limits.window(w) {
+            for f in LimitField::ALL {
+                if let Some(limit) = limits.get(f) {
                     if limit > MAX_LIMIT {
                         return Err(err(format!(
                             "tiers.{name}.{}: {limit} exceeds the maximum {MAX_LIMIT}",
-                            w.as_str()
+                            f.as_str()
                         )));
                     }
                 }
@@ -217,18 +281,17 @@ impl Tiers {
         self.tiers.iter()
     }
 
-    /// The tier table as the scripts take it: `{"free":[hour,day,month]}`
-    /// with -1 for a window the tier does not enforce. Built once at start-up.
+    /// The tier table as the scripts take it:
+    /// `{"free":[hour,day,month,tokens_hour,tokens_month,storage_bytes]}`
+    /// ([`LimitField::ALL`] order) with -1 for a limit the tier does not
+    /// enforce. Built once at start-up.
     pub fn script_arg(&self) -> String {
-        let table: BTreeMap<&str, [i64; 3]> = self
+        let table: BTreeMap<&str, Vec<i64>> = self
             .tiers
             .iter()
             .map(|(name, l)| {
-                let lim = |w| l.window(w).map_or(-1, |v| i64::try_from(v).unwrap_or(-1));
-                (
-                    name.as_str(),
-                    [lim(Window::Hour), lim(Window::Day), lim(Window::Month)],
-                )
+                let lim = |f| l.get(f).map_or(-1, |v| i64::try_from(v).unwrap_or(-1));
+                (name.as_str(), LimitField::ALL.into_iter().map(lim).collect())
             })
             .collect();
         serde_json::to_string(&table).unwrap_or_else(|_| "{}".to_string())
@@ -427,7 +490,7 @@ mod tests {
         );
         assert_eq!(
             t.script_arg(),
-            r#"{"enterprise":[10000,100000,2000000],"free":[100,1000,20000],"pro":[1000,10000,200000]}"#
+            r#"{"enterprise":[10000,100000,2000000,-1,50000000,500000000000],"free":[100,1000,20000,-1,500000,5000000000],"pro":[1000,10000,200000,-1,5000000,50000000000]}"#
         );
     }
 
@@ -448,7 +511,7 @@ mod tests {
         let e = Tiers::from_json(r#"{"tiers":{"gold":{"hour":5}}}"#, None).unwrap_err();
         assert!(e.0.contains("default_tier"), "{e}");
         let ok = Tiers::from_json(r#"{"tiers":{"gold":{"hour":5}}}"#, Some("gold")).unwrap();
-        assert_eq!(ok.script_arg(), r#"{"gold":[5,-1,-1]}"#);
+        assert_eq!(ok.script_arg(), r#"{"gold":[5,-1,-1,-1,-1,-1]}"#);
     }
 
     #[test]

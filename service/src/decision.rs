@@ -2,7 +2,10 @@
 //! [`CheckRequest`] and turning the script's per-window rows into a
 //! [`CheckResponse`] (names, binding window, retry-after). No I/O here.
 
-use sluice_wire::{CheckRequest, CheckResponse, RouteLimit, Window, WindowState};
+use sluice_wire::{
+    CheckRequest, CheckResponse, Reservation, RouteLimit, StorageState, UsageReport, Window,
+    WindowState, MAX_TOKENS,
+};
 
 use crate::config::{MAX_COST, MAX_LIMIT, MAX_ROUTE_LIMITS, MIN_COST};
 
@@ -22,6 +25,8 @@ pub struct ValidCheck {
     pub cost: u64,
     pub policy: Option<String>,
     pub route_limits: Vec<RouteLimit>,
+    pub tokens: u64,
+    pub upload: bool,
 }
 
 pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
@@ -74,24 +79,83 @@ pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
             )));
         }
     }
+    if req.tokens > MAX_TOKENS {
+        return Err(Invalid::Request(format!(
+            "tokens must be at most {MAX_TOKENS}, got {}",
+            req.tokens
+        )));
+    }
     Ok(ValidCheck {
         tenant: req.tenant,
         cost: req.cost,
         policy: req.policy,
         route_limits: req.route_limits,
+        tokens: req.tokens,
+        upload: req.upload,
     })
+}
+
+/// A usage report that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidUsage {
+    pub tenant: String,
+    pub reservation: String,
+    pub total_tokens: u64,
+    pub complete: bool,
+}
+
+pub fn validate_usage(r: UsageReport) -> Result<ValidUsage, Invalid> {
+    if !sluice_wire::is_valid_tenant(r.tenant.as_bytes()) {
+        return Err(Invalid::Tenant(
+            "tenant must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @".to_string(),
+        ));
+    }
+    // Ids are the decimal numbers the check script hands out.
+    if r.reservation.is_empty()
+        || r.reservation.len() > 20
+        || !r.reservation.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(Invalid::Request(
+            "reservation must be the decimal id a check returned".to_string(),
+        ));
+    }
+    if r.total_tokens > MAX_TOKENS {
+        return Err(Invalid::Request(format!(
+            "total_tokens must be at most {MAX_TOKENS}, got {}",
+            r.total_tokens
+        )));
+    }
+    Ok(ValidUsage {
+        tenant: r.tenant,
+        reservation: r.reservation,
+        total_tokens: r.total_tokens,
+        complete: r.complete,
+    })
+}
+
+/// What kind of window a script row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    /// A tier window (`hour`, `day`, `month`), charged the cost in units.
+    Tier,
+    /// A route window (`<policy>-<window>`), charged the cost in units.
+    Route,
+    /// A token window (`tokens_hour`, `tokens_month`), charged the estimate.
+    Tokens,
 }
 
 /// One window as the check script reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowRow {
     pub window: Window,
-    pub route: bool,
+    pub kind: RowKind,
     pub limit: u64,
     pub used: u64,
     pub remaining: u64,
     pub reset: u64,
     pub reset_in: u64,
+    /// Whether this window refused the request (`used + amount > limit`).
+    pub exceeded: bool,
 }
 
 /// What the check script decided.
@@ -100,18 +164,23 @@ pub struct ScriptDecision {
     pub allowed: bool,
     pub tier: String,
     pub rows: Vec<WindowRow>,
+    /// Reservation id when tokens were reserved.
+    pub reservation: Option<String>,
+    /// Storage (used, limit, exceeded) when the check was an upload and the
+    /// tenant has a storage quota.
+    pub storage: Option<StorageState>,
 }
 
-/// Builds the wire answer. `cost` is the request's cost: for a denial the
-/// script leaves `used` untouched, so a window was exceeded exactly when
-/// `used + cost > limit`.
-pub fn respond(decision: ScriptDecision, cost: u64, policy: Option<&str>) -> CheckResponse {
+/// Builds the wire answer. `tokens` is the request's token estimate (what
+/// the reservation holds).
+pub fn respond(decision: ScriptDecision, tokens: u64, policy: Option<&str>) -> CheckResponse {
     let windows: Vec<WindowState> = decision
         .rows
         .iter()
         .map(|r| WindowState {
-            name: match (r.route, policy) {
-                (true, Some(p)) => format!("{p}-{}", r.window.as_str()),
+            name: match (r.kind, policy) {
+                (RowKind::Route, Some(p)) => format!("{p}-{}", r.window.as_str()),
+                (RowKind::Tokens, _) => format!("tokens_{}", r.window.as_str()),
                 _ => r.window.as_str().to_string(),
             },
             window: r.window,
@@ -122,7 +191,8 @@ pub fn respond(decision: ScriptDecision, cost: u64, policy: Option<&str>) -> Che
             reset_in: r.reset_in.max(1),
         })
         .collect();
-    let binding = binding_index(&windows, decision.allowed, cost);
+    let exceeded: Vec<bool> = decision.rows.iter().map(|r| r.exceeded).collect();
+    let binding = binding_index(&windows, decision.allowed, &exceeded);
     let retry_after = if decision.allowed {
         None
     } else {
@@ -134,19 +204,24 @@ pub fn respond(decision: ScriptDecision, cost: u64, policy: Option<&str>) -> Che
         windows,
         binding,
         retry_after,
+        reservation: decision
+            .reservation
+            .filter(|_| decision.allowed)
+            .map(|id| Reservation { id, tokens }),
+        storage: decision.storage,
     }
 }
 
 /// Denied: among the exceeded windows, the one that resets last (retrying
 /// before it resets cannot succeed). Allowed: the fewest remaining units,
 /// ties going to the shorter window, then to the earlier entry.
-pub fn binding_index(windows: &[WindowState], allowed: bool, cost: u64) -> usize {
+pub fn binding_index(windows: &[WindowState], allowed: bool, exceeded: &[bool]) -> usize {
     let indexed = windows.iter().enumerate();
     let pick = if allowed {
         indexed.min_by_key(|(i, w)| (w.remaining, w.window.nominal_secs(), *i))
     } else {
         indexed
-            .filter(|(_, w)| w.used.saturating_add(cost) > w.limit)
+            .filter(|(i, _)| exceeded.get(*i).copied().unwrap_or(false))
             // max_by_key keeps the last maximum; reverse the index so ties keep the first.
             .max_by_key(|(i, w)| (w.reset, std::cmp::Reverse(*i)))
     };
@@ -169,18 +244,31 @@ mod tests {
             cost,
             policy: None,
             route_limits: vec![],
+            tokens: 0,
+            upload: false,
         }
     }
 
     fn row(window: Window, route: bool, limit: u64, used: u64, reset: u64) -> WindowRow {
         WindowRow {
             window,
-            route,
+            kind: if route { RowKind::Route } else { RowKind::Tier },
             limit,
             used,
             remaining: limit.saturating_sub(used),
             reset,
             reset_in: 10,
+            exceeded: used + 1 > limit,
+        }
+    }
+
+    fn decision(allowed: bool, rows: Vec<WindowRow>) -> ScriptDecision {
+        ScriptDecision {
+            allowed,
+            tier: "free".into(),
+            rows,
+            reservation: None,
+            storage: None,
         }
     }
 
@@ -236,32 +324,30 @@ mod tests {
 
     #[test]
     fn a_denial_binds_the_exceeded_window_that_resets_last() {
-        let d = ScriptDecision {
-            allowed: false,
-            tier: "free".into(),
-            rows: vec![
+        let d = decision(
+            false,
+            vec![
                 row(Window::Hour, false, 10, 10, 3_600),
                 row(Window::Day, false, 100, 50, 86_400),
                 row(Window::Month, false, 20, 20, 2_000_000),
             ],
-        };
-        let r = respond(d, 1, None);
+        );
+        let r = respond(d, 0, None);
         assert_eq!(r.binding, 2);
         assert_eq!(r.retry_after, Some(10));
     }
 
     #[test]
     fn an_allowed_answer_binds_the_fewest_remaining_and_ties_go_to_the_shorter_window() {
-        let d = ScriptDecision {
-            allowed: true,
-            tier: "free".into(),
-            rows: vec![
+        let d = decision(
+            true,
+            vec![
                 row(Window::Month, false, 10, 5, 3),
                 row(Window::Hour, false, 10, 5, 1),
                 row(Window::Day, true, 10, 5, 2),
             ],
-        };
-        let r = respond(d, 1, Some("llm"));
+        );
+        let r = respond(d, 0, Some("llm"));
         assert_eq!(r.binding, 1);
         assert_eq!(r.retry_after, None);
         assert_eq!(r.windows[2].name, "llm-day");
@@ -269,15 +355,44 @@ mod tests {
 
     #[test]
     fn h16_zero_limits_bind_without_dividing() {
-        let d = ScriptDecision {
-            allowed: false,
-            tier: "t".into(),
-            rows: vec![row(Window::Hour, false, 0, 0, 5)],
-        };
-        let r = respond(d, 1, None);
+        let d = decision(false, vec![row(Window::Hour, false, 0, 0, 5)]);
+        let r = respond(d, 0, None);
         assert_eq!(
             (r.binding, r.windows[0].remaining, r.retry_after),
             (0, 0, Some(10))
         );
+    }
+
+    #[test]
+    fn h02_a_token_denial_binds_the_token_window_and_names_it() {
+        let mut tokens = row(Window::Month, false, 1000, 900, 2_000_000);
+        tokens.kind = RowKind::Tokens;
+        tokens.exceeded = true;
+        let hour = row(Window::Hour, false, 100, 3, 3_600);
+        let r = respond(decision(false, vec![hour, tokens]), 300, None);
+        assert_eq!(r.windows[r.binding].name, "tokens_month");
+        assert_eq!(r.reservation, None, "a denial reserves nothing");
+    }
+
+    #[test]
+    fn usage_reports_need_a_decimal_reservation_and_bounded_tokens() {
+        let ok = UsageReport {
+            tenant: "a".into(),
+            reservation: "12".into(),
+            total_tokens: 5,
+            complete: true,
+        };
+        assert!(validate_usage(ok.clone()).is_ok());
+        for bad in ["", "1a", "-1", "123456789012345678901"] {
+            let mut r = ok.clone();
+            r.reservation = bad.into();
+            assert!(
+                matches!(validate_usage(r), Err(Invalid::Request(m)) if m.starts_with("reservation")),
+                "{bad:?}"
+            );
+        }
+        let mut r = ok;
+        r.total_tokens = MAX_TOKENS + 1;
+        assert!(matches!(validate_usage(r), Err(Invalid::Request(m)) if m.starts_with("total_tokens")));
     }
 }

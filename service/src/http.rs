@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use sluice_wire::{CheckRequest, CheckResponse, ErrorBody};
+use sluice_wire::{CheckRequest, CheckResponse, ErrorBody, UsageAnswer, UsageReport};
 
 use crate::config::ServeConfig;
 use crate::decision::{self, Invalid};
@@ -197,6 +197,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route(sluice_wire::CHECK_PATH, post(check))
+        .route(sluice_wire::USAGE_PATH, post(usage))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -223,7 +224,7 @@ async fn check(
     };
     match state.store.check(&valid, state.offset_ms()).await {
         Ok(d) => {
-            let resp = decision::respond(d, valid.cost, valid.policy.as_deref());
+            let resp = decision::respond(d, valid.tokens, valid.policy.as_deref());
             state
                 .metrics
                 .check(if resp.allowed { "allowed" } else { "denied" }, elapsed());
@@ -232,6 +233,38 @@ async fn check(
         Err(e) => {
             state.redis_failed("check", &e);
             state.metrics.check("error", elapsed());
+            Err(ApiError::redis_unavailable(&e))
+        }
+    }
+}
+
+/// Token reconciliation: replaces a reservation with real usage. Called
+/// fire-and-forget by the filter after a response; idempotent.
+async fn usage(
+    State(state): State<Shared>,
+    body: Result<ApiJson<UsageReport>, ApiError>,
+) -> Result<Json<UsageAnswer>, ApiError> {
+    let valid = match body
+        .and_then(|ApiJson(r)| decision::validate_usage(r).map_err(ApiError::from))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            state.metrics.usage_report("invalid");
+            return Err(e);
+        }
+    };
+    match state.store.reconcile(&valid, state.offset_ms()).await {
+        Ok(answer) => {
+            state.metrics.usage_report(match answer.status.as_str() {
+                "settled" => "settled",
+                "duplicate" => "duplicate",
+                _ => "unknown",
+            });
+            Ok(Json(answer))
+        }
+        Err(e) => {
+            state.redis_failed("usage", &e);
+            state.metrics.usage_report("error");
             Err(ApiError::redis_unavailable(&e))
         }
     }

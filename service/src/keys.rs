@@ -36,6 +36,40 @@ pub fn route_counter_prefix(tenant: &str, policy: &str) -> String {
     format!("{PREFIX}{}:r:{policy}:", tenant_tag(tenant))
 }
 
+/// `sluice:{t:<tenant>}:k:`; the scripts append `<window>:<window-id>`
+/// (token counters: `tokens_hour` in `k:hour:<id>`, `tokens_month` in
+/// `k:month:<id>`). TTL = window end + 60 s, like every counter.
+pub fn token_counter_prefix(tenant: &str) -> String {
+    format!("{PREFIX}{}:k:", tenant_tag(tenant))
+}
+
+/// `sluice:{t:<tenant>}:res:`; the check script appends the reservation id.
+/// A reservation is a hash (`tokens`, `state`, `charged`, and `w:<window>` =
+/// `<window-id>:<reset>` for each token window it charged) with TTL
+/// `RESERVATION_TTL_S`.
+pub fn reservation_prefix(tenant: &str) -> String {
+    format!("{PREFIX}{}:res:", tenant_tag(tenant))
+}
+
+/// `sluice:{t:<tenant>}:res:<id>`.
+pub fn reservation(tenant: &str, id: &str) -> String {
+    format!("{}{id}", reservation_prefix(tenant))
+}
+
+/// `sluice:{t:<tenant>}:resseq`: the counter that numbers reservations. Its
+/// TTL is refreshed past every reservation's, so when it expires (and
+/// numbering restarts) no reservation it numbered is left.
+pub fn reservation_seq(tenant: &str) -> String {
+    format!("{PREFIX}{}:resseq", tenant_tag(tenant))
+}
+
+/// `sluice:{t:<tenant>}:storage`: bytes the application reported the
+/// tenant stores. No expiry; owner: the application, through
+/// `PUT /v1/admin/tenants/{tenant}/storage` (DELETE removes it).
+pub fn storage(tenant: &str) -> String {
+    format!("{PREFIX}{}:storage", tenant_tag(tenant))
+}
+
 /// Full tier counter key, e.g. `sluice:{t:acme}:q:hour:2025013114`.
 pub fn tier_counter(tenant: &str, window: Window, window_id: &str) -> String {
     format!(
@@ -73,6 +107,10 @@ mod tests {
             cfg("a@b"),
             tier_counter_prefix("a@b"),
             route_counter_prefix("a@b", "p"),
+            token_counter_prefix("a@b"),
+            reservation("a@b", "7"),
+            reservation_seq("a@b"),
+            storage("a@b"),
         ] {
             assert!(key.contains("{t:a@b}"), "{key}");
         }

@@ -7,9 +7,17 @@ use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registr
 /// Check outcomes; `error` covers Redis failures (answered with 503).
 pub const RESULTS: [&str; 4] = ["allowed", "denied", "invalid", "error"];
 /// Redis operations that can fail.
-pub const REDIS_OPS: [&str; 4] = ["check", "status", "admin", "ping"];
+pub const REDIS_OPS: [&str; 5] = ["check", "usage", "status", "admin", "ping"];
 /// Admin changes.
-pub const ADMIN_ACTIONS: [&str; 4] = ["set_tier", "set_limits", "clear_limits", "test_clock"];
+pub const ADMIN_ACTIONS: [&str; 5] = [
+    "set_tier",
+    "set_limits",
+    "clear_limits",
+    "set_storage",
+    "test_clock",
+];
+/// Usage report outcomes.
+pub const USAGE_RESULTS: [&str; 5] = ["settled", "duplicate", "unknown", "invalid", "error"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -18,6 +26,7 @@ pub struct Metrics {
     check_seconds: Histogram,
     redis_errors: IntCounterVec,
     admin_changes: IntCounterVec,
+    usage_reports: IntCounterVec,
 }
 
 impl Metrics {
@@ -50,6 +59,14 @@ impl Metrics {
             ),
             &["action"],
         )?;
+        let usage_reports = IntCounterVec::new(
+            Opts::new(
+                "sluice_usage_reports_total",
+                "Token usage reports (POST /v1/usage) by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(usage_reports.clone()))?;
         registry.register(Box::new(checks.clone()))?;
         registry.register(Box::new(check_seconds.clone()))?;
         registry.register(Box::new(redis_errors.clone()))?;
@@ -64,12 +81,16 @@ impl Metrics {
         for a in ADMIN_ACTIONS {
             admin_changes.with_label_values(&[a]);
         }
+        for r in USAGE_RESULTS {
+            usage_reports.with_label_values(&[r]);
+        }
         Ok(Metrics {
             registry,
             checks,
             check_seconds,
             redis_errors,
             admin_changes,
+            usage_reports,
         })
     }
 
@@ -84,6 +105,10 @@ impl Metrics {
 
     pub fn admin_change(&self, action: &'static str) {
         self.admin_changes.with_label_values(&[action]).inc();
+    }
+
+    pub fn usage_report(&self, result: &'static str) {
+        self.usage_reports.with_label_values(&[result]).inc();
     }
 
     /// The text exposition format.

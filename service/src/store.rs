@@ -15,8 +15,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use sluice_wire::Window;
 
-use crate::config::ServeConfig;
-use crate::decision::{ScriptDecision, ValidCheck, WindowRow};
+use sluice_wire::{StorageState, UsageAnswer};
+
+use crate::config::{LimitField, ServeConfig, RESERVATION_TTL_S};
+use crate::decision::{RowKind, ScriptDecision, ValidCheck, ValidUsage, WindowRow};
 use crate::{keys, scripts};
 
 #[derive(Debug)]
@@ -58,9 +60,11 @@ impl From<redis::RedisError> for StoreError {
     }
 }
 
-/// A tier window as the admin view reports it.
+/// A tier or token window as the admin view reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusRow {
+    /// `hour`, `day`, `month`, `tokens_hour` or `tokens_month`.
+    pub name: String,
     pub window: Window,
     pub limit: u64,
     pub current: u64,
@@ -72,9 +76,13 @@ pub struct StatusRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantStatus {
     pub tier: String,
-    /// Custom limits, hour/day/month order.
-    pub custom: [Option<u64>; 3],
+    /// Custom limits, [`LimitField::ALL`] order.
+    pub custom: Vec<(LimitField, Option<u64>)>,
     pub windows: Vec<StatusRow>,
+    /// Reported storage use in bytes (0 if never reported).
+    pub storage_used: u64,
+    /// The storage quota in force, if any.
+    pub storage_limit: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -83,6 +91,7 @@ pub struct Store {
     timeout: Duration,
     check: Script,
     status: Script,
+    reconcile: Script,
     tiers_arg: String,
     default_tier: String,
 }
@@ -115,6 +124,7 @@ impl Store {
             timeout: config.redis_timeout,
             check: Script::new(scripts::CHECK),
             status: Script::new(scripts::STATUS),
+            reconcile: Script::new(scripts::RECONCILE),
             tiers_arg: config.tiers.script_arg(),
             default_tier: config.tiers.default_tier().to_string(),
         })
@@ -148,13 +158,56 @@ impl Store {
                     .as_deref()
                     .map(|p| keys::route_counter_prefix(&c.tenant, p))
                     .unwrap_or_default(),
-            );
+            )
+            .arg(c.tokens)
+            .arg(keys::token_counter_prefix(&c.tenant))
+            .arg(keys::reservation_prefix(&c.tenant))
+            .arg(keys::reservation_seq(&c.tenant))
+            .arg(if c.upload {
+                keys::storage(&c.tenant)
+            } else {
+                String::new()
+            })
+            .arg(RESERVATION_TTL_S);
         for rl in &c.route_limits {
             inv.arg(rl.window.as_str()).arg(rl.limit);
         }
         let mut conn = self.conn.clone();
         let reply: Value = self.bounded(inv.invoke_async(&mut conn)).await?;
         parse_check(reply)
+    }
+
+    /// Replaces a reservation with real usage (idempotent).
+    pub async fn reconcile(
+        &self,
+        u: &ValidUsage,
+        offset_ms: i64,
+    ) -> Result<UsageAnswer, StoreError> {
+        let mut inv = self.reconcile.prepare_invoke();
+        inv.key(keys::reservation(&u.tenant, &u.reservation))
+            .arg(offset_ms)
+            .arg(u.total_tokens)
+            .arg(if u.complete { 1 } else { 0 })
+            .arg(keys::token_counter_prefix(&u.tenant));
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        Ok(UsageAnswer {
+            status: as_text(f.next()?)?,
+            reserved: as_u64(f.next()?)?,
+            charged: as_u64(f.next()?)?,
+        })
+    }
+
+    /// Records the bytes a tenant stores (`None` forgets it).
+    pub async fn set_storage(&self, tenant: &str, used: Option<u64>) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd(if used.is_some() { "SET" } else { "DEL" });
+        cmd.arg(keys::storage(tenant));
+        if let Some(b) = used {
+            cmd.arg(b);
+        }
+        let mut conn = self.conn.clone();
+        self.bounded(cmd.query_async::<()>(&mut conn)).await
     }
 
     /// Reads a tenant's tier, custom limits and current usage (read-only).
@@ -164,7 +217,9 @@ impl Store {
             .arg(offset_ms)
             .arg(&self.default_tier)
             .arg(&self.tiers_arg)
-            .arg(keys::tier_counter_prefix(tenant));
+            .arg(keys::tier_counter_prefix(tenant))
+            .arg(keys::token_counter_prefix(tenant))
+            .arg(keys::storage(tenant));
         let mut conn = self.conn.clone();
         let reply: Value = self.bounded(inv.invoke_async(&mut conn)).await?;
         parse_status(reply)
@@ -183,7 +238,7 @@ impl Store {
     pub async fn set_limits(
         &self,
         tenant: &str,
-        changes: &[(Window, Option<u64>)],
+        changes: &[(LimitField, Option<u64>)],
     ) -> Result<(), StoreError> {
         let key = keys::cfg(tenant);
         let mut pipe = redis::pipe();
@@ -200,7 +255,8 @@ impl Store {
 
     /// Removes every custom limit (the tier applies again).
     pub async fn clear_limits(&self, tenant: &str) -> Result<(), StoreError> {
-        let changes: Vec<(Window, Option<u64>)> = Window::ALL.iter().map(|w| (*w, None)).collect();
+        let changes: Vec<(LimitField, Option<u64>)> =
+            LimitField::ALL.iter().map(|f| (*f, None)).collect();
         self.set_limits(tenant, &changes).await
     }
 
@@ -208,7 +264,7 @@ impl Store {
     /// once. Optional: EVALSHA reloads on NOSCRIPT anyway.
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        for script in [&self.check, &self.status] {
+        for script in [&self.check, &self.status, &self.reconcile] {
             self.bounded(script.prepare_invoke().load_async(&mut conn))
                 .await?;
         }
@@ -285,37 +341,56 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
     let mut f = fields(&reply)?;
     let allowed = as_int(f.next()?)? == 1;
     let tier = as_text(f.next()?)?;
+    let rid = as_text(f.next()?)?;
+    let storage_used = as_u64(f.next()?)?;
+    let storage_limit = as_int(f.next()?)?;
+    let storage_exceeded = as_int(f.next()?)? == 1;
     let n = as_u64(f.next()?)?;
     let mut rows = Vec::new();
     for _ in 0..n {
         rows.push(WindowRow {
             window: as_window(f.next()?)?,
-            route: as_int(f.next()?)? == 1,
+            kind: match as_int(f.next()?)? {
+                0 => RowKind::Tier,
+                1 => RowKind::Route,
+                2 => RowKind::Tokens,
+                k => return Err(bad(format!("unknown row kind {k}"))),
+            },
             limit: as_u64(f.next()?)?,
             used: as_u64(f.next()?)?,
             remaining: as_u64(f.next()?)?,
             reset: as_u64(f.next()?)?,
             reset_in: as_u64(f.next()?)?,
+            exceeded: as_int(f.next()?)? == 1,
         });
     }
     Ok(ScriptDecision {
         allowed,
         tier,
         rows,
+        reservation: (!rid.is_empty()).then_some(rid),
+        storage: u64::try_from(storage_limit).ok().map(|limit| StorageState {
+            used: storage_used,
+            limit,
+            exceeded: storage_exceeded,
+        }),
     })
 }
 
 fn parse_status(reply: Value) -> Result<TenantStatus, StoreError> {
     let mut f = fields(&reply)?;
     let tier = as_text(f.next()?)?;
-    let mut custom = [None; 3];
-    for slot in custom.iter_mut() {
-        *slot = u64::try_from(as_int(f.next()?)?).ok();
+    let mut custom = Vec::new();
+    for field in LimitField::ALL {
+        custom.push((field, u64::try_from(as_int(f.next()?)?).ok()));
     }
+    let storage_used = as_u64(f.next()?)?;
+    let storage_limit = u64::try_from(as_int(f.next()?)?).ok();
     let n = as_u64(f.next()?)?;
     let mut windows = Vec::new();
     for _ in 0..n {
         windows.push(StatusRow {
+            name: as_text(f.next()?)?,
             window: as_window(f.next()?)?,
             limit: as_u64(f.next()?)?,
             current: as_u64(f.next()?)?,
@@ -327,5 +402,7 @@ fn parse_status(reply: Value) -> Result<TenantStatus, StoreError> {
         tier,
         custom,
         windows,
+        storage_used,
+        storage_limit,
     })
 }

@@ -11,6 +11,14 @@ use serde::{Deserialize, Serialize};
 /// Path of the decision endpoint on the quota service.
 pub const CHECK_PATH: &str = "/v1/check";
 
+/// Path of the usage report endpoint (token reconciliation).
+pub const USAGE_PATH: &str = "/v1/usage";
+
+/// Largest token figure accepted anywhere (an estimate, a reservation, a
+/// reported usage): far above any real request, far below where sums of a
+/// few of them stop being exact in a Lua double.
+pub const MAX_TOKENS: u64 = 1_000_000_000;
+
 /// Longest tenant id accepted anywhere, in bytes.
 pub const MAX_TENANT_LEN: usize = 128;
 
@@ -92,10 +100,46 @@ pub struct CheckRequest {
     /// as the tenant's tier windows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub route_limits: Vec<RouteLimit>,
+    /// Estimated LLM tokens to reserve in the tenant's token windows
+    /// (`tokens_hour`, `tokens_month`) in the same atomic step; 0 = the
+    /// route does not count tokens.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens: u64,
+    /// An upload route: denied while the tenant's reported storage use is at
+    /// or over its storage quota.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub upload: bool,
 }
 
 fn one() -> u64 {
     1
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The tokens a check reserved; the filter reports real usage against `id`.
+/// The window ids the tokens went into are kept in the reservation record
+/// by the service, so a report lands in the right windows even when the
+/// hour rolls over while the response streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub id: String,
+    pub tokens: u64,
+}
+
+/// Storage use against the storage quota, on answers for upload routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageState {
+    pub used: u64,
+    pub limit: u64,
+    /// Whether the upload was refused for storage (`used >= limit`).
+    pub exceeded: bool,
 }
 
 /// State of one window after the decision.
@@ -129,6 +173,40 @@ pub struct CheckResponse {
     /// When denied: whole seconds until the request could be admitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// When admitted with `tokens > 0` and the tenant has a token window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<Reservation>,
+    /// On upload routes whose tenant has a storage quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageState>,
+}
+
+/// Body of `POST /v1/usage`: the real usage of an admitted request,
+/// replacing its reservation. Idempotent: a replay changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub tenant: String,
+    pub reservation: String,
+    pub total_tokens: u64,
+    /// False when the response did not finish (client abort, upstream
+    /// reset): the tenant is then charged at least the reservation.
+    #[serde(default = "yes")]
+    pub complete: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Answer of `POST /v1/usage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageAnswer {
+    /// `settled` (applied now), `duplicate` (already settled: nothing
+    /// changed) or `unknown` (no such reservation, e.g. expired: nothing
+    /// changed).
+    pub status: String,
+    pub reserved: u64,
+    pub charged: u64,
 }
 
 /// JSON error body used by the filter's local replies and the service alike:
