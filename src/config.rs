@@ -3,10 +3,12 @@
 //! every error names the exact field (`policies[1].cost must be > 0`), which
 //! serde's type errors do not.
 
+use crate::cost::{self, CostRules};
 use hashbrown::HashMap;
 use serde_json::{Map, Value};
 use sluice_wire::{is_valid_policy_name, RouteLimit, Window};
 use std::fmt;
+use std::sync::Arc;
 
 /// What to do when the quota service can not give an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,11 @@ pub struct Policy {
     pub failure_mode: FailureMode,
     pub exempt: bool,
     pub limits: Vec<RouteLimit>,
+    /// Body-based cost rules; `Some` makes the route buffer the request body.
+    pub cost_rules: Option<Arc<CostRules>>,
+    /// An upload route: refused (413) while the tenant is at or over its
+    /// storage quota.
+    pub upload: bool,
 }
 
 /// The validated configuration shared read-only by every request of a worker.
@@ -61,7 +68,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err<T>(field: &str, message: impl Into<String>) -> Result<T, ConfigError> {
+pub(crate) fn err<T>(field: &str, message: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError { field: field.to_string(), message: message.into() })
 }
 
@@ -85,8 +92,17 @@ const TOP_FIELDS: &[&str] = &[
     "policies",
     "unavailable_retry_after_s",
 ];
-const POLICY_FIELDS: &[&str] =
-    &["name", "path_prefix", "route_name", "cost", "failure_mode", "exempt", "limits"];
+const POLICY_FIELDS: &[&str] = &[
+    "name",
+    "path_prefix",
+    "route_name",
+    "cost",
+    "failure_mode",
+    "exempt",
+    "limits",
+    "cost_rules",
+    "upload",
+];
 
 /// Parses and validates the plugin configuration.
 pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
@@ -115,8 +131,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
     let tenant_header = match opt_str(top, "tenant_header", "tenant_header")? {
         Some(h) => {
             let h = h.to_ascii_lowercase();
-            let token = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
-            if h.is_empty() || !h.bytes().all(token) {
+            if !is_header_name(&h) {
                 return err("tenant_header", "must be a header name (letters, digits, - _ .)");
             }
             if h.starts_with("x-sluice-") {
@@ -165,6 +180,8 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
             failure_mode,
             exempt: false,
             limits: Vec::new(),
+            cost_rules: None,
+            upload: false,
         },
     };
 
@@ -255,17 +272,34 @@ fn parse_policy(v: &Value, path: &str, inherited: FailureMode) -> Result<Policy,
             }
         }
     }
-    Ok(Policy { name, cost, failure_mode, exempt, limits })
+    let cost_rules = match o.get("cost_rules") {
+        None => None,
+        Some(v) => Some(Arc::new(cost::compile_rules(v, &format!("{path}.cost_rules"))?)),
+    };
+    let upload = match o.get("upload") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return err(&format!("{path}.upload"), "must be true or false"),
+    };
+    if exempt && (cost_rules.is_some() || upload) {
+        return err(&format!("{path}.exempt"), "an exempt policy counts nothing: drop cost_rules and upload");
+    }
+    Ok(Policy { name, cost, failure_mode, exempt, limits, cost_rules, upload })
 }
 
-fn as_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, ConfigError> {
+/// A lower-case header name: letters, digits, `-`, `_`, `.`.
+pub(crate) fn is_header_name(h: &str) -> bool {
+    !h.is_empty() && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+pub(crate) fn as_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, ConfigError> {
     match v {
         Value::Object(o) => Ok(o),
         _ => err(path, "must be a JSON object"),
     }
 }
 
-fn check_known(o: &Map<String, Value>, known: &[&str], path: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_known(o: &Map<String, Value>, known: &[&str], path: &str) -> Result<(), ConfigError> {
     for k in o.keys() {
         if !known.contains(&k.as_str()) {
             let field = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
@@ -275,7 +309,7 @@ fn check_known(o: &Map<String, Value>, known: &[&str], path: &str) -> Result<(),
     Ok(())
 }
 
-fn opt_str<'a>(o: &'a Map<String, Value>, key: &str, field: &str) -> Result<Option<&'a str>, ConfigError> {
+pub(crate) fn opt_str<'a>(o: &'a Map<String, Value>, key: &str, field: &str) -> Result<Option<&'a str>, ConfigError> {
     match o.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
@@ -293,7 +327,7 @@ fn opt_failure_mode(o: &Map<String, Value>, key: &str, field: &str) -> Result<Op
 }
 
 /// A whole number in 0..=max.
-fn opt_number(o: &Map<String, Value>, key: &str, field: &str, max: u64) -> Result<Option<u64>, ConfigError> {
+pub(crate) fn opt_number(o: &Map<String, Value>, key: &str, field: &str, max: u64) -> Result<Option<u64>, ConfigError> {
     let Some(v) = o.get(key) else { return Ok(None) };
     let Value::Number(n) = v else { return err(field, "must be a number") };
     if let Some(u) = n.as_u64() {
@@ -309,7 +343,7 @@ fn opt_number(o: &Map<String, Value>, key: &str, field: &str, max: u64) -> Resul
 }
 
 /// A whole number in 1..=max.
-fn opt_positive(o: &Map<String, Value>, key: &str, field: &str, max: u64) -> Result<Option<u64>, ConfigError> {
+pub(crate) fn opt_positive(o: &Map<String, Value>, key: &str, field: &str, max: u64) -> Result<Option<u64>, ConfigError> {
     match opt_number(o, key, field, max)? {
         Some(0) => err(field, "must be greater than 0"),
         other => Ok(other),

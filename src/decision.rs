@@ -100,6 +100,18 @@ pub fn decide(resp: &CheckResponse) -> Outcome {
     if resp.allowed {
         return Outcome::Admit { headers };
     }
+    if let Some(st) = resp.storage.as_ref().filter(|s| s.exceeded) {
+        // 413, not 429: waiting does not help until the tenant deletes
+        // data, and clients (the openai package among them) retry 429s.
+        let body = json!({
+            "error": "storage_quota_exceeded",
+            "message": format!("tenant storage quota exceeded: {} of {} bytes used", st.used, st.limit),
+            "used": st.used,
+            "limit": st.limit,
+            "tier": resp.tier,
+        });
+        return reply(413, Vec::new(), &body);
+    }
     let retry_after = resp.retry_after.unwrap_or(binding.reset_in).max(1);
     headers.push(("retry-after", retry_after.to_string()));
     let body = json!({
@@ -167,6 +179,15 @@ pub fn invalid_tenant(header: &str, reason: &str) -> Outcome {
     )
 }
 
+/// A client-controlled number or field in the request body is unacceptable.
+pub fn invalid_request(field: &str, message: &str) -> Outcome {
+    reply(
+        400,
+        Vec::new(),
+        &json!({"error": "invalid_request", "message": format!("{field}: {message}"), "field": field}),
+    )
+}
+
 fn reply(status: u32, mut headers: Headers, body: &Value) -> Outcome {
     headers.push(("content-type", "application/json".to_string()));
     headers.push(("cache-control", "no-store".to_string()));
@@ -202,6 +223,8 @@ mod tests {
             windows: vec![win("hour", Window::Hour, 100, 99, 600), win("day", Window::Day, 1000, 99, 7200)],
             binding: 0,
             retry_after: None,
+            reservation: None,
+            storage: None,
         };
         let Outcome::Admit { headers } = decide(&resp) else { panic!("not admitted") };
         assert_eq!(header(&headers, "x-ratelimit-limit"), ["100"]);
@@ -220,6 +243,8 @@ mod tests {
             windows: vec![win("hour", Window::Hour, 10, 10, 600)],
             binding: 0,
             retry_after: Some(600),
+            reservation: None,
+            storage: None,
         };
         let Outcome::Reply { status, headers, body } = decide(&resp) else { panic!("not a reply") };
         assert_eq!(status, 429);
@@ -243,6 +268,8 @@ mod tests {
             windows: vec![win("hour", Window::Hour, 0, 0, 5)],
             binding: 0,
             retry_after: Some(0),
+            reservation: None,
+            storage: None,
         };
         let Outcome::Reply { status, headers, .. } = decide(&resp) else { panic!("not a reply") };
         assert_eq!(status, 429);
@@ -297,5 +324,33 @@ mod tests {
         let Outcome::Reply { status, body, .. } = invalid_tenant("x-tenant-id", "too long") else { panic!() };
         assert_eq!(status, 400);
         assert!(body.contains(r#""error":"invalid_tenant""#));
+    }
+
+    #[test]
+    fn an_upload_over_the_storage_quota_is_a_413_without_retry_after() {
+        let resp = CheckResponse {
+            allowed: false,
+            tier: "free".into(),
+            windows: vec![win("hour", Window::Hour, 100, 3, 600)],
+            binding: 0,
+            retry_after: Some(600),
+            reservation: None,
+            storage: Some(sluice_wire::StorageState { used: 10, limit: 10, exceeded: true }),
+        };
+        let Outcome::Reply { status, headers, body } = decide(&resp) else { panic!("not a reply") };
+        assert_eq!(status, 413);
+        assert!(header(&headers, "retry-after").is_empty());
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((v["error"].as_str(), v["used"].as_u64(), v["limit"].as_u64()), (Some("storage_quota_exceeded"), Some(10), Some(10)));
+    }
+
+    #[test]
+    fn h15_invalid_request_names_the_field() {
+        let Outcome::Reply { status, body, .. } = invalid_request("max_tokens", "must not be negative, got -1000") else { panic!() };
+        assert_eq!(status, 400);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], "invalid_request");
+        assert_eq!(v["field"], "max_tokens");
+        assert_eq!(v["message"], "max_tokens: must not be negative, got -1000");
     }
 }

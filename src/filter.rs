@@ -1,18 +1,38 @@
 //! The proxy-wasm adapter: the only module that talks to the host.
 //!
 //! Each request is a small state machine ([`Phase`]) advanced by host
-//! callbacks. Every path out of `AwaitingQuota` either resumes the request or
-//! sends a local reply, so no request is ever left paused.
+//! callbacks. Every path out of `ReadingBody` and `AwaitingQuota` either
+//! resumes the request or sends a local reply, so no request is ever left
+//! paused.
+//!
+//! Token accounting: an admitted request with a reservation gets a
+//! [`Tracker`] that reads usage from the response as it passes (header,
+//! JSON body copy up to a cap, or SSE chunks through a bounded scanner). In
+//! `on_log` (which also runs for streams the client aborted) the usage
+//! report is queued in the root context's [`Outbox`], and the root sends it
+//! from `on_tick`. Why not dispatch from the HTTP context: the SDK (0.2.5)
+//! routes a callout's answer to the context that was active when it was
+//! dispatched; by then the HTTP context is usually gone (the answer is
+//! silently dropped, so failures could not be counted), and while it still
+//! lives the answer would land in the request's own callback. Dispatched
+//! from `on_tick`, the callout is registered to the root, which lives as
+//! long as the VM, and its answer comes back to `Root`.
 
 use crate::config::{self, CompiledConfig};
+use crate::cost::{Body, CostRules};
 use crate::decision::{self, CalloutFailure, Outcome, OWNED_RESPONSE_HEADERS};
 use crate::pairs;
 use crate::tenant::{self, TenantError};
+use crate::usage::{self, SseScanner};
+use hashbrown::HashSet;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
-use sluice_wire::{CheckRequest, CHECK_PATH};
+use sluice_wire::{CheckRequest, UsageReport, CHECK_PATH, USAGE_PATH};
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 proxy_wasm::main! {{
@@ -21,7 +41,7 @@ proxy_wasm::main! {{
 }}
 
 /// Envoy stat names (exported with Envoy's `wasmcustom.` prefix).
-const METRIC_NAMES: [&str; 8] = [
+const METRIC_NAMES: [&str; 13] = [
     "sluice.allowed",
     "sluice.denied",
     "sluice.failed_open",
@@ -30,6 +50,11 @@ const METRIC_NAMES: [&str; 8] = [
     "sluice.invalid_tenant",
     "sluice.exempt",
     "sluice.callout_errors",
+    "sluice.invalid_request",
+    "sluice.storage_denied",
+    "sluice.usage_reported",
+    "sluice.usage_report_failed",
+    "sluice.usage_missing",
 ];
 
 #[derive(Clone, Copy)]
@@ -42,6 +67,11 @@ enum Metric {
     InvalidTenant,
     Exempt,
     CalloutErrors,
+    InvalidRequest,
+    StorageDenied,
+    UsageReported,
+    UsageReportFailed,
+    UsageMissing,
 }
 
 #[derive(Default)]
@@ -65,13 +95,43 @@ impl Metrics {
     }
 }
 
+/// Usage reports waiting for the root context to send them.
+#[derive(Default)]
+struct Outbox {
+    reports: VecDeque<Vec<u8>>,
+    /// A tick is scheduled to drain the queue.
+    armed: bool,
+}
+
+/// Most reports queued at once. Past it a report is dropped (and counted as
+/// failed): its reservation then simply stands.
+const MAX_OUTBOX: usize = 4096;
+/// Timeout of a usage report callout: nothing waits on it, so it can be long.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct Root {
     config: Option<Rc<CompiledConfig>>,
     metrics: Rc<Metrics>,
+    outbox: Rc<RefCell<Outbox>>,
+    /// Tokens of report callouts in flight (the configure-time probe is not one).
+    reports_in_flight: HashSet<u32>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        if !self.reports_in_flight.remove(&token) {
+            return;
+        }
+        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
+        if status.as_deref() == Some(b"200") {
+            self.metrics.inc(Metric::UsageReported);
+        } else {
+            self.metrics.inc(Metric::UsageReportFailed);
+            log::warn!("sluice: usage report failed (status {:?}); the reservation stands", status.map(|s| String::from_utf8_lossy(&s).into_owned()));
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
@@ -97,8 +157,39 @@ impl RootContext for Root {
         Some(Box::new(Request {
             config: self.config.clone(),
             metrics: Rc::clone(&self.metrics),
+            outbox: Rc::clone(&self.outbox),
             phase: Phase::Start,
+            tracker: None,
         }))
+    }
+
+    /// Sends every queued usage report, then stops ticking until the next
+    /// report arms it again.
+    fn on_tick(&mut self) {
+        let reports: Vec<Vec<u8>> = {
+            let mut outbox = self.outbox.borrow_mut();
+            outbox.armed = false;
+            outbox.reports.drain(..).collect()
+        };
+        let _ = hostcalls::set_tick_period(Duration::ZERO);
+        let Some(config) = self.config.clone() else { return };
+        for body in reports {
+            let headers = vec![
+                (":method", "POST"),
+                (":path", USAGE_PATH),
+                (":authority", config.quota_authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            match hostcalls::dispatch_http_call(&config.quota_cluster, headers, Some(&body), vec![], REPORT_TIMEOUT) {
+                Ok(token) => {
+                    self.reports_in_flight.insert(token);
+                }
+                Err(status) => {
+                    self.metrics.inc(Metric::UsageReportFailed);
+                    log::warn!("sluice: usage report dispatch failed: {status:?}; the reservation stands");
+                }
+            }
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -121,17 +212,56 @@ fn probe_cluster(c: &CompiledConfig) {
     }
 }
 
+/// A check that waits for the request body to know its cost.
+struct Pending {
+    request: CheckRequest,
+    failure_mode: config::FailureMode,
+    rules: Arc<CostRules>,
+    /// Body bytes buffered so far.
+    seen: usize,
+}
+
 enum Phase {
     Start,
-    AwaitingQuota { failure_mode: config::FailureMode, retry_after_s: u64 },
+    ReadingBody(Pending),
+    AwaitingQuota {
+        failure_mode: config::FailureMode,
+        retry_after_s: u64,
+        /// Tenant and rules, when the check reserves tokens.
+        tokens: Option<(String, Arc<CostRules>)>,
+    },
     Admitted { headers: decision::Headers },
     Done,
+}
+
+/// Where the response's usage is read from.
+enum UsageSource {
+    /// Not known before the response headers.
+    Unknown,
+    /// The configured header had it: the body is not looked at.
+    Header,
+    Sse(SseScanner),
+    /// A copy of the JSON body, up to `usage::MAX_JSON_BODY`.
+    Json { copy: Vec<u8>, overflow: bool },
+}
+
+/// Follows the response of a request that reserved tokens.
+struct Tracker {
+    tenant: String,
+    reservation: String,
+    rules: Arc<CostRules>,
+    source: UsageSource,
+    usage: Option<u64>,
+    /// The response reached its end (not aborted or reset).
+    complete: bool,
 }
 
 struct Request {
     config: Option<Rc<CompiledConfig>>,
     metrics: Rc<Metrics>,
+    outbox: Rc<RefCell<Outbox>>,
     phase: Phase,
+    tracker: Option<Tracker>,
 }
 
 impl Request {
@@ -161,7 +291,7 @@ impl Request {
         decision::on_failure(failure_mode, retry_after_s, why)
     }
 
-    fn on_request_headers(&mut self, config: &CompiledConfig) -> Action {
+    fn on_request_headers(&mut self, config: &CompiledConfig, end_of_stream: bool) -> Action {
         let raw = read_pairs(MapType::HttpRequestHeaders);
         let Some(headers) = pairs::decode(&raw) else {
             return self.finish(decision::invalid_tenant(&config.tenant_header, "unreadable request headers"));
@@ -229,8 +359,48 @@ impl Request {
             cost: policy.cost,
             policy: Some(policy.name.clone()),
             route_limits: policy.limits.clone(),
+            tokens: 0,
+            upload: policy.upload,
         };
-        let (failure_mode, retry_after_s) = (policy.failure_mode, config.unavailable_retry_after_s);
+        let failure_mode = policy.failure_mode;
+        if let Some(rules) = &policy.cost_rules {
+            let pending = Pending { request, failure_mode, rules: Arc::clone(rules), seen: 0 };
+            if end_of_stream {
+                return self.price_and_dispatch(config, pending, Body::Missing);
+            }
+            // Only body routes wait for the body; every other route calls out now.
+            self.phase = Phase::ReadingBody(pending);
+            return Action::Pause;
+        }
+        self.dispatch(config, request, failure_mode, None)
+    }
+
+    /// Prices the request from its body (400 for bad client numbers), then
+    /// calls out.
+    fn price_and_dispatch(&mut self, config: &CompiledConfig, pending: Pending, body: Body<'_>) -> Action {
+        let Pending { mut request, failure_mode, rules, .. } = pending;
+        match rules.estimate(request.cost, body) {
+            Ok(estimate) => {
+                request.cost = estimate.units;
+                request.tokens = estimate.tokens;
+                let track = (estimate.tokens > 0).then(|| (request.tenant.clone(), rules));
+                self.dispatch(config, request, failure_mode, track)
+            }
+            Err(e) => {
+                self.metrics.inc(Metric::InvalidRequest);
+                self.finish(decision::invalid_request(&e.field, &e.message))
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        config: &CompiledConfig,
+        request: CheckRequest,
+        failure_mode: config::FailureMode,
+        tokens: Option<(String, Arc<CostRules>)>,
+    ) -> Action {
+        let retry_after_s = config.unavailable_retry_after_s;
         let Ok(body) = serde_json::to_vec(&request) else {
             let outcome = self.fail(failure_mode, retry_after_s, CalloutFailure::Dispatch);
             return self.finish(outcome);
@@ -249,7 +419,7 @@ impl Request {
             Duration::from_millis(config.timeout_ms),
         ) {
             Ok(_) => {
-                self.phase = Phase::AwaitingQuota { failure_mode, retry_after_s };
+                self.phase = Phase::AwaitingQuota { failure_mode, retry_after_s, tokens };
                 Action::Pause
             }
             Err(status) => {
@@ -257,6 +427,94 @@ impl Request {
                 let outcome = self.fail(failure_mode, retry_after_s, CalloutFailure::Dispatch);
                 self.finish(outcome)
             }
+        }
+    }
+
+    /// The request body (or its end) arrived while the body route waits for it.
+    fn on_body_part(&mut self, body_size: usize, complete: bool) -> Action {
+        let Some(config) = self.config.clone() else { return Action::Continue };
+        let Phase::ReadingBody(mut pending) = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return Action::Continue;
+        };
+        pending.seen = body_size;
+        if body_size > pending.rules.max_body_bytes {
+            return self.price_and_dispatch(&config, pending, Body::TooLarge);
+        }
+        if !complete {
+            self.phase = Phase::ReadingBody(pending);
+            return Action::Pause;
+        }
+        let bytes = if body_size == 0 {
+            None
+        } else {
+            hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size).ok().flatten()
+        };
+        match bytes {
+            Some(b) => self.price_and_dispatch(&config, pending, Body::Bytes(&b)),
+            None => self.price_and_dispatch(&config, pending, Body::Missing),
+        }
+    }
+
+    /// Queues the usage report of a finished (or aborted) response for the
+    /// root context. Without a usage figure nothing is sent: the
+    /// reservation stands.
+    fn report_usage(&mut self) {
+        let Some(mut t) = self.tracker.take() else { return };
+        if t.usage.is_none() {
+            t.usage = match &mut t.source {
+                UsageSource::Sse(scanner) => {
+                    scanner.finish();
+                    scanner.usage().map(|u| u.total)
+                }
+                UsageSource::Json { copy, overflow: false } if t.complete => usage::from_json_body(copy).map(|u| u.total),
+                _ => None,
+            };
+        }
+        let Some(total_tokens) = t.usage else {
+            self.metrics.inc(Metric::UsageMissing);
+            return;
+        };
+        let report = UsageReport { tenant: t.tenant, reservation: t.reservation, total_tokens, complete: t.complete };
+        let Ok(body) = serde_json::to_vec(&report) else { return };
+        let arm = {
+            let mut outbox = self.outbox.borrow_mut();
+            if outbox.reports.len() >= MAX_OUTBOX {
+                drop(outbox);
+                self.metrics.inc(Metric::UsageReportFailed);
+                return;
+            }
+            outbox.reports.push_back(body);
+            !std::mem::replace(&mut outbox.armed, true)
+        };
+        // Sets the root context's timer (Envoy keeps one per root context).
+        if arm && hostcalls::set_tick_period(Duration::from_millis(1)).is_err() {
+            self.outbox.borrow_mut().armed = false;
+            log::warn!("sluice: could not schedule the usage report");
+        }
+    }
+
+    /// Reads usage from a response body chunk as it passes.
+    fn track_body(&mut self, body_size: usize, end_of_stream: bool) {
+        let Some(t) = self.tracker.as_mut() else { return };
+        match &mut t.source {
+            UsageSource::Sse(scanner) if body_size > 0 => {
+                if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                    scanner.feed(&chunk);
+                }
+            }
+            UsageSource::Json { copy, overflow } if body_size > 0 && !*overflow => {
+                let room = usage::MAX_JSON_BODY.saturating_sub(copy.len());
+                if body_size > room {
+                    *overflow = true;
+                    copy.clear();
+                } else if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                    copy.extend_from_slice(&chunk);
+                }
+            }
+            _ => {}
+        }
+        if end_of_stream {
+            t.complete = true;
         }
     }
 }
@@ -288,7 +546,7 @@ fn property_string(path: &[&str]) -> Option<String> {
 
 impl Context for Request {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        let Phase::AwaitingQuota { failure_mode, retry_after_s } = self.phase else {
+        let Phase::AwaitingQuota { failure_mode, retry_after_s, .. } = self.phase else {
             return;
         };
         let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
@@ -302,7 +560,26 @@ impl Context for Request {
         };
         let outcome = match decision::parse_answer(status.as_deref(), body.as_deref()) {
             Ok(resp) => {
-                self.metrics.inc(if resp.allowed { Metric::Allowed } else { Metric::Denied });
+                let storage_denied = !resp.allowed && resp.storage.as_ref().is_some_and(|s| s.exceeded);
+                self.metrics.inc(if resp.allowed {
+                    Metric::Allowed
+                } else if storage_denied {
+                    Metric::StorageDenied
+                } else {
+                    Metric::Denied
+                });
+                if let (true, Some(r), Phase::AwaitingQuota { tokens: Some((tenant, rules)), .. }) =
+                    (resp.allowed, &resp.reservation, &self.phase)
+                {
+                    self.tracker = Some(Tracker {
+                        tenant: tenant.clone(),
+                        reservation: r.id.clone(),
+                        rules: Arc::clone(rules),
+                        source: UsageSource::Unknown,
+                        usage: None,
+                        complete: false,
+                    });
+                }
                 decision::decide(&resp)
             }
             Err(why) => {
@@ -317,17 +594,38 @@ impl Context for Request {
 }
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(config) = self.config.clone() else {
             // on_configure failed; Envoy normally refuses the plugin then,
             // but never let an unconfigured filter admit anyone.
             let outcome = decision::on_failure(config::FailureMode::Closed, 1, CalloutFailure::Dispatch);
             return self.finish(outcome);
         };
-        self.on_request_headers(&config)
+        self.on_request_headers(&config, end_of_stream)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self.phase {
+            Phase::ReadingBody(_) => self.on_body_part(body_size, end_of_stream),
+            // Returning Continue here would send the request upstream before
+            // the decision: keep buffering until the callout answers.
+            Phase::AwaitingQuota { .. } => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match &self.phase {
+            Phase::ReadingBody(p) => {
+                let seen = p.seen;
+                self.on_body_part(seen, true)
+            }
+            Phase::AwaitingQuota { .. } => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let Phase::Admitted { headers } = &self.phase {
             for name in OWNED_RESPONSE_HEADERS {
                 let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, None);
@@ -337,6 +635,41 @@ impl HttpContext for Request {
             }
             self.phase = Phase::Done;
         }
+        if let Some(t) = self.tracker.as_mut() {
+            let from_header = t.rules.usage_header.as_deref().and_then(|h| {
+                hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, h).ok().flatten().and_then(|v| usage::from_header(&v))
+            });
+            let content_type = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, "content-type").ok().flatten();
+            let sse = content_type.is_some_and(|ct| ct.len() >= 17 && ct.get(..17).is_some_and(|p| p.eq_ignore_ascii_case(b"text/event-stream")));
+            t.source = if from_header.is_some() {
+                t.usage = from_header;
+                UsageSource::Header
+            } else if sse {
+                UsageSource::Sse(SseScanner::new())
+            } else {
+                UsageSource::Json { copy: Vec::new(), overflow: false }
+            };
+            if end_of_stream {
+                t.complete = true;
+            }
+        }
         Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.track_body(body_size, end_of_stream);
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Some(t) = self.tracker.as_mut() {
+            t.complete = true;
+        }
+        Action::Continue
+    }
+
+    /// Runs once per stream, also when the client aborted it.
+    fn on_log(&mut self) {
+        self.report_usage();
     }
 }

@@ -2,6 +2,10 @@
 //!
 //! Map of the crate:
 //! - [`config`]: plugin JSON -> validated, compiled config (pure).
+//! - [`cost`]: an LLM request body -> standard units and a token estimate;
+//!   400s for bad client numbers (pure).
+//! - [`usage`]: real token usage from a JSON body, an SSE stream (parsed
+//!   incrementally, bounded memory) or a header (pure).
 //! - [`tenant`]: tenant id rules (pure).
 //! - [`decision`]: callout answer -> admit / local reply, and every header
 //!   and body the client sees (pure).
@@ -14,9 +18,11 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 pub mod config;
+pub mod cost;
 pub mod decision;
 pub mod pairs;
 pub mod tenant;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

@@ -5,7 +5,13 @@
 //! - `POST /v1/chat/completions`: OpenAI-style `chat.completion` with
 //!   `usage`; `"stream": true` answers server-sent events whose last data
 //!   chunk carries `usage` (omitted with `x-demo-stream-usage: 0`).
-//!   `x-demo-usage-total: N` forces `usage.total_tokens` to N.
+//!   `x-demo-usage-total: N` forces `usage.total_tokens` to N;
+//!   `x-demo-usage-header: N` adds the response header
+//!   `x-usage-total-tokens: N`; `x-demo-stream-delay-ms: N` spaces the
+//!   stream's events N ms apart (default 20) and `x-demo-stream-hold-ms: N`
+//!   waits N ms after the usage chunk before `[DONE]`, so a client can
+//!   abort a stream before or after its usage arrived.
+//! - `POST /v1/embeddings`: OpenAI-style embeddings with `usage`.
 //! - any other path: 200 JSON echoing method, path, tenant, request id and
 //!   the names of the headers it received.
 //! - `x-demo-ratelimit-headers: 1`: the answer also carries its own
@@ -84,6 +90,7 @@ pub fn router() -> Router {
         .route("/__demo/stats", get(stats_handler))
         .route("/__demo/reset", post(reset_handler))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
         .fallback(echo)
         .layer(middleware::from_fn_with_state(
             stats.clone(),
@@ -201,14 +208,51 @@ fn usage_for(body: &Value, headers: &HeaderMap) -> Usage {
     }
 }
 
-async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
-    let body: Value = match serde_json::from_slice(&body) {
+fn parse_body(body: &Bytes) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        let err = json!({"error": "invalid_request", "message": format!("invalid JSON body: {e}")});
+        (StatusCode::BAD_REQUEST, Json(err)).into_response()
+    })
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    header_str(headers, name).and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Adds `x-usage-total-tokens` when the request asked for it.
+fn with_usage_header(headers: &HeaderMap, mut resp: Response) -> Response {
+    if let Some(v) = header_str(headers, "x-demo-usage-header").and_then(|v| HeaderValue::from_str(v).ok()) {
+        resp.headers_mut().insert("x-usage-total-tokens", v);
+    }
+    resp
+}
+
+async fn embeddings(headers: HeaderMap, body: Bytes) -> Response {
+    let body = match parse_body(&body) {
         Ok(v) => v,
-        Err(e) => {
-            let err =
-                json!({"error": "invalid_request", "message": format!("invalid JSON body: {e}")});
-            return (StatusCode::BAD_REQUEST, Json(err)).into_response();
-        }
+        Err(r) => return r,
+    };
+    let chars: usize = match body.get("input") {
+        Some(Value::String(s)) => s.len(),
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(str::len).sum(),
+        _ => 0,
+    };
+    let tokens = header_u64(&headers, "x-demo-usage-total")
+        .unwrap_or_else(|| u64::try_from(chars.div_ceil(4)).unwrap_or(u64::MAX).max(1));
+    let resp = Json(json!({
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1, 0.2]}],
+        "model": body.get("model").and_then(Value::as_str).unwrap_or("sluice-demo-embed"),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response();
+    with_usage_header(&headers, resp)
+}
+
+async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
+    let body = match parse_body(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
     };
     let model = body
         .get("model")
@@ -218,10 +262,14 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
     let usage = usage_for(&body, &headers);
     let id = format!("chatcmpl-demo-{}", unix_now());
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
-        let with_usage = header_str(&headers, "x-demo-stream-usage") != Some("0");
-        return stream_completion(id, model, usage, with_usage);
+        let pacing = Pacing {
+            with_usage: header_str(&headers, "x-demo-stream-usage") != Some("0"),
+            delay: Duration::from_millis(header_u64(&headers, "x-demo-stream-delay-ms").unwrap_or(20).min(60_000)),
+            hold: Duration::from_millis(header_u64(&headers, "x-demo-stream-hold-ms").unwrap_or(0).min(60_000)),
+        };
+        return with_usage_header(&headers, stream_completion(id, model, usage, pacing));
     }
-    Json(json!({
+    let resp = Json(json!({
         "id": id,
         "object": "chat.completion",
         "created": unix_now(),
@@ -233,12 +281,21 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
         }],
         "usage": usage,
     }))
-    .into_response()
+    .into_response();
+    with_usage_header(&headers, resp)
+}
+
+struct Pacing {
+    with_usage: bool,
+    /// Between events.
+    delay: Duration,
+    /// Before `[DONE]`, after the last event.
+    hold: Duration,
 }
 
 /// Sends the events as separate body chunks, a little apart, so clients
 /// (the filter) really see a stream and not one buffered body.
-fn stream_completion(id: String, model: String, usage: Usage, with_usage: bool) -> Response {
+fn stream_completion(id: String, model: String, usage: Usage, pacing: Pacing) -> Response {
     let chunk = |delta: Value, finish: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": unix_now(), "model": model,
@@ -253,22 +310,25 @@ fn stream_completion(id: String, model: String, usage: Usage, with_usage: bool) 
         chunk(json!({"content": " from the demo."}), Value::Null),
     ];
     let mut last = chunk(json!({}), json!("stop"));
-    if with_usage {
+    if pacing.with_usage {
         if let Some(obj) = last.as_object_mut() {
             obj.insert("usage".into(), json!(usage));
         }
     }
     events.push(last);
-    let mut frames: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
-    frames.push("data: [DONE]\n\n".to_string());
-    let stream =
-        futures_util::stream::unfold((frames.into_iter(), true), |(mut it, first)| async move {
-            let frame = it.next()?;
-            if !first {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Some((Ok::<_, Infallible>(Bytes::from(frame)), (it, false)))
-        });
+    let mut frames: Vec<(String, Duration)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("data: {e}\n\n"), if i == 0 { Duration::ZERO } else { pacing.delay }))
+        .collect();
+    frames.push(("data: [DONE]\n\n".to_string(), pacing.delay + pacing.hold));
+    let stream = futures_util::stream::unfold(frames.into_iter(), |mut it| async move {
+        let (frame, wait) = it.next()?;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        Some((Ok::<_, Infallible>(Bytes::from(frame)), it))
+    });
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),

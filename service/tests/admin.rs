@@ -215,7 +215,7 @@ async fn custom_limits_override_the_tier_per_window_null_clears_and_delete_resto
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(
         r.json["custom_limits"],
-        json!({"hour": 5000, "day": 7, "month": null})
+        json!({"hour": 5000, "day": 7, "month": null, "tokens_hour": null, "tokens_month": null, "storage_bytes": null})
     );
     let r = svc.check(json!({"tenant": "c"})).await;
     let limits: Vec<u64> = r.json["windows"]
@@ -235,7 +235,7 @@ async fn custom_limits_override_the_tier_per_window_null_clears_and_delete_resto
         .await;
     assert_eq!(
         r.json["custom_limits"],
-        json!({"hour": 5000, "day": null, "month": null})
+        json!({"hour": 5000, "day": null, "month": null, "tokens_hour": null, "tokens_month": null, "storage_bytes": null})
     );
     let r = svc.check(json!({"tenant": "c"})).await;
     assert_eq!(r.json["windows"][1]["limit"], 1000);
@@ -246,7 +246,7 @@ async fn custom_limits_override_the_tier_per_window_null_clears_and_delete_resto
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
         r.json["custom_limits"],
-        json!({"hour": null, "day": null, "month": null})
+        json!({"hour": null, "day": null, "month": null, "tokens_hour": null, "tokens_month": null, "storage_bytes": null})
     );
     let r = svc.check(json!({"tenant": "c"})).await;
     assert_eq!(r.json["windows"][0]["limit"], 100);
