@@ -368,9 +368,14 @@ impl Request {
             if end_of_stream {
                 return self.price_and_dispatch(config, pending, Body::Missing);
             }
-            // Only body routes wait for the body; every other route calls out now.
+            // Only body routes wait for the body; every other route calls out
+            // now. The headers go on (Envoy's wasm host turns a paused
+            // header callback into "stop everything", so the body would
+            // never reach the filter); the body is held below until the
+            // decision, and Envoy's buffer filter after this one keeps the
+            // headers from the router until then (see envoy/envoy.yaml).
             self.phase = Phase::ReadingBody(pending);
-            return Action::Pause;
+            return Action::Continue;
         }
         self.dispatch(config, request, failure_mode, None)
     }

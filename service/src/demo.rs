@@ -5,7 +5,8 @@
 //! - `POST /v1/chat/completions`: OpenAI-style `chat.completion` with
 //!   `usage`; `"stream": true` answers server-sent events whose last data
 //!   chunk carries `usage` (omitted with `x-demo-stream-usage: 0`).
-//!   `x-demo-usage-total: N` forces `usage.total_tokens` to N;
+//!   `x-demo-usage-total: N` forces `usage.total_tokens` to N,
+//!   `x-demo-usage-raw: <json>` sends that JSON as `usage` (bad figures);
 //!   `x-demo-usage-header: N` adds the response header
 //!   `x-usage-total-tokens: N`; `x-demo-stream-delay-ms: N` spaces the
 //!   stream's events N ms apart (default 20) and `x-demo-stream-hold-ms: N`
@@ -177,6 +178,21 @@ fn estimate_prompt_tokens(body: &Value) -> u64 {
     u64::try_from(chars.div_ceil(4)).unwrap_or(u64::MAX).max(1)
 }
 
+#[derive(Serialize, Clone)]
+#[serde(untagged)]
+enum UsageOut {
+    Usage(Usage),
+    /// `x-demo-usage-raw: <json>`: sent verbatim, for tests of bad usage.
+    Raw(Value),
+}
+
+fn usage_out(body: &Value, headers: &HeaderMap) -> UsageOut {
+    match header_str(headers, "x-demo-usage-raw").and_then(|v| serde_json::from_str(v).ok()) {
+        Some(raw) => UsageOut::Raw(raw),
+        None => UsageOut::Usage(usage_for(body, headers)),
+    }
+}
+
 #[derive(Serialize, Clone, Copy)]
 struct Usage {
     prompt_tokens: u64,
@@ -259,7 +275,7 @@ async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
         .and_then(Value::as_str)
         .unwrap_or("sluice-demo")
         .to_string();
-    let usage = usage_for(&body, &headers);
+    let usage = usage_out(&body, &headers);
     let id = format!("chatcmpl-demo-{}", unix_now());
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         let pacing = Pacing {
@@ -295,7 +311,7 @@ struct Pacing {
 
 /// Sends the events as separate body chunks, a little apart, so clients
 /// (the filter) really see a stream and not one buffered body.
-fn stream_completion(id: String, model: String, usage: Usage, pacing: Pacing) -> Response {
+fn stream_completion(id: String, model: String, usage: UsageOut, pacing: Pacing) -> Response {
     let chunk = |delta: Value, finish: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": unix_now(), "model": model,

@@ -28,8 +28,12 @@ impl Stack {
     }
 
     pub fn with_opts(plugin_config: Value, concurrency: u32, edit: impl FnOnce(&mut EnvoyOpts)) -> Stack {
+        Stack::with_service(plugin_config, concurrency, ServiceOpts::default(), edit)
+    }
+
+    pub fn with_service(plugin_config: Value, concurrency: u32, service_opts: ServiceOpts, edit: impl FnOnce(&mut EnvoyOpts)) -> Stack {
         let redis = Redis::start();
-        let service = Service::start(&redis.url(), ServiceOpts::default());
+        let service = Service::start(&redis.url(), service_opts);
         let upstream = DemoUpstream::start();
         let mut opts = EnvoyOpts::new(plugin_config, service.addr(), upstream.addr());
         opts.concurrency = concurrency;
