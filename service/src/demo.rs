@@ -224,10 +224,10 @@ fn usage_for(body: &Value, headers: &HeaderMap) -> Usage {
     }
 }
 
-fn parse_body(body: &Bytes) -> Result<Value, Response> {
+fn parse_body(body: &Bytes) -> Result<Value, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
         let err = json!({"error": "invalid_request", "message": format!("invalid JSON body: {e}")});
-        (StatusCode::BAD_REQUEST, Json(err)).into_response()
+        Box::new((StatusCode::BAD_REQUEST, Json(err)).into_response())
     })
 }
 
@@ -246,7 +246,7 @@ fn with_usage_header(headers: &HeaderMap, mut resp: Response) -> Response {
 async fn embeddings(headers: HeaderMap, body: Bytes) -> Response {
     let body = match parse_body(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let chars: usize = match body.get("input") {
         Some(Value::String(s)) => s.len(),
@@ -268,7 +268,7 @@ async fn embeddings(headers: HeaderMap, body: Bytes) -> Response {
 async fn chat_completions(headers: HeaderMap, body: Bytes) -> Response {
     let body = match parse_body(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let model = body
         .get("model")
