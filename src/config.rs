@@ -495,4 +495,33 @@ mod tests {
         assert!(c.is_exempt_path("/static/app.js"));
         assert!(!c.is_exempt_path("/v1/llm"));
     }
+
+    #[test]
+    fn h15_negative_weights_and_multipliers_are_rejected_at_config_load() {
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a","cost":-5}]}"#).field, "policies[0].cost");
+        let e = bad(r#"{"quota_cluster":"q","policies":[{"name":"a","cost_rules":{"charge_units":true,"model_multipliers":{"gpt-4":-20}}}]}"#);
+        assert_eq!(e.field, "policies[0].cost_rules.model_multipliers.gpt-4");
+        let e = bad(r#"{"quota_cluster":"q","default_policy":{"cost_rules":{"reserve_tokens":true,"feature_multipliers":{"tools":-1}}}}"#);
+        assert_eq!(e.field, "default_policy.cost_rules.feature_multipliers.tools");
+    }
+
+    #[test]
+    fn cost_rules_and_upload_compile_per_policy_and_conflict_with_exempt() {
+        let c = compile(
+            br#"{"quota_cluster":"q","policies":[
+                {"name":"chat","route_name":"chat_route","cost_rules":{"reserve_tokens":true}},
+                {"name":"files","path_prefix":"/v1/files","upload":true}]}"#,
+        )
+        .unwrap();
+        let chat = c.select("/x", Some("chat_route"), None);
+        assert!(chat.cost_rules.as_ref().is_some_and(|r| r.reserve_tokens && !r.charge_units));
+        assert!(c.select("/v1/files/a", None, None).upload);
+        assert!(c.default_policy().cost_rules.is_none());
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"f","upload":"yes"}]}"#).field, "policies[0].upload");
+        assert_eq!(
+            bad(r#"{"quota_cluster":"q","policies":[{"name":"f","exempt":true,"upload":true}]}"#).field,
+            "policies[0].exempt"
+        );
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"f","cost_rules":[]}]}"#).field, "policies[0].cost_rules");
+    }
 }

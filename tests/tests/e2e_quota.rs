@@ -71,7 +71,7 @@ fn h07_retry_after_is_the_time_left_not_the_whole_window_and_the_next_hour_admit
 
 #[test]
 fn h01_200_concurrent_requests_over_two_workers_admit_exactly_the_limit() {
-    let s = Stack::with(plugin_config(json!({})), 2);
+    let s = Stack::with(plugin_config(json!({"timeout_ms": 2000})), 2);
     let statuses = fire(&[s.envoy.listener_addr()], 200, 50, "GET", "/v1/models", &[("x-tenant-id", "burst")]);
     assert_eq!(count(&statuses, 200), 100, "{statuses:?}");
     assert_eq!(count(&statuses, 429), 100);
@@ -84,9 +84,9 @@ fn h01_two_envoys_and_two_service_replicas_on_one_redis_admit_exactly_the_limit(
     let a = Service::start(&redis.url(), ServiceOpts::default());
     let b = Service::start(&redis.url(), ServiceOpts::default());
     let upstream = DemoUpstream::start();
-    let mut oa = EnvoyOpts::new(plugin_config(json!({})), a.addr(), upstream.addr());
+    let mut oa = EnvoyOpts::new(plugin_config(json!({"timeout_ms": 2000})), a.addr(), upstream.addr());
     oa.concurrency = 2;
-    let mut ob = EnvoyOpts::new(plugin_config(json!({})), b.addr(), upstream.addr());
+    let mut ob = EnvoyOpts::new(plugin_config(json!({"timeout_ms": 2000})), b.addr(), upstream.addr());
     ob.concurrency = 2;
     let (ea, eb) = (Envoy::start(oa), Envoy::start(ob));
     let r = a.admin("PUT", "/v1/admin/tenants/race/limits", Some(&json!({"hour": 10})));
@@ -142,7 +142,7 @@ fn h05_rejected_requests_consume_nothing_so_an_upgrade_admits_exactly_the_differ
 
 #[test]
 fn h16_a_zero_limit_rejects_1000_concurrent_requests_with_sane_headers() {
-    let s = Stack::with(plugin_config(json!({})), 2);
+    let s = Stack::with(plugin_config(json!({"timeout_ms": 2000})), 2);
     s.set_limits("suspended", json!({"hour": 0}));
     let statuses = fire(&[s.envoy.listener_addr()], 1000, 50, "GET", "/v1/models", &[("x-tenant-id", "suspended")]);
     assert_eq!(count(&statuses, 429), 1000, "{:?}", statuses.iter().filter(|s| **s != 429).collect::<Vec<_>>());
@@ -191,7 +191,7 @@ fn h03_with_only_an_hour_window_200_requests_in_a_second_is_the_fixed_window_beh
 
 #[test]
 fn h04_no_quota_key_is_ever_without_expiry_and_the_next_window_admits_again() {
-    let s = Stack::with(plugin_config(json!({})), 2);
+    let s = Stack::with(plugin_config(json!({"timeout_ms": 2000})), 2);
     s.set_limits("h04", json!({"hour": 20}));
     for t in ["h04", "h04-a", "h04-b"] {
         fire(&[s.envoy.listener_addr()], 40, 8, "GET", "/v1/models", &[("x-tenant-id", t)]);
@@ -211,7 +211,7 @@ fn h04_no_quota_key_is_ever_without_expiry_and_the_next_window_admits_again() {
 
 #[test]
 fn h09_requests_without_a_usable_tenant_are_never_unlimited() {
-    let s = Stack::with(plugin_config(json!({})), 2);
+    let s = Stack::with(plugin_config(json!({"timeout_ms": 2000})), 2);
     let addr = s.envoy.listener_addr();
     let before = s.callouts();
     let missing = fire(&[addr], 250, 25, "GET", "/v1/models", &[]);

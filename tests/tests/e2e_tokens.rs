@@ -337,9 +337,9 @@ fn the_official_openai_client_gets_completions_and_a_rate_limit_error_with_our_r
     assert!(retry_after.abs_diff(left) <= 2, "Retry-After {retry_after} vs {left} s left in the hour");
 
     // With retries on, the client waits our Retry-After and succeeds once
-    // the window has turned (the service's clock is set 4 s before the
+    // the window has turned (the service's clock is set 8 s before the
     // hour; the first call (23 tokens) leaves no room for the second).
-    s.service.set_clock_offset_ms(offset_to(next_hour_ms(5) - 4_000));
+    s.service.set_clock_offset_ms(offset_to(next_hour_ms(10) - 8_000));
     s.set_limits("oa-retry", json!({"tokens_hour": 30}));
     let r = openai(&s, &["retry", "oa-retry"]);
     assert_eq!(r["content"], "Hello from the Sluice demo upstream.", "{r}");
