@@ -128,7 +128,7 @@ impl Context for Root {
             self.metrics.inc(Metric::UsageReported);
         } else {
             self.metrics.inc(Metric::UsageReportFailed);
-            log::warn!("sluice: usage report failed (status {:?}); the reservation stands", status.map(|s| String::from_utf8_lossy(&s).into_owned()));
+            log::warn!("usage report failed (status {:?}); the reservation stands", status.map(|s| String::from_utf8_lossy(&s).into_owned()));
         }
     }
 }
@@ -186,7 +186,7 @@ impl RootContext for Root {
                 }
                 Err(status) => {
                     self.metrics.inc(Metric::UsageReportFailed);
-                    log::warn!("sluice: usage report dispatch failed: {status:?}; the reservation stands");
+                    log::warn!("usage report dispatch failed: {status:?}; the reservation stands");
                 }
             }
         }
@@ -494,7 +494,7 @@ impl Request {
         // Sets the root context's timer (Envoy keeps one per root context).
         if arm && hostcalls::set_tick_period(Duration::from_millis(1)).is_err() {
             self.outbox.borrow_mut().armed = false;
-            log::warn!("sluice: could not schedule the usage report");
+            log::warn!("could not schedule the usage report");
         }
     }
 

@@ -81,7 +81,7 @@ pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
     }
     if req.tokens > MAX_TOKENS {
         return Err(Invalid::Request(format!(
-            "tokens must be at most {MAX_TOKENS}, got {}",
+            "tokens: must be at most {MAX_TOKENS}, got {}",
             req.tokens
         )));
     }
@@ -107,7 +107,7 @@ pub struct ValidUsage {
 pub fn validate_usage(r: UsageReport) -> Result<ValidUsage, Invalid> {
     if !sluice_wire::is_valid_tenant(r.tenant.as_bytes()) {
         return Err(Invalid::Tenant(
-            "tenant must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @".to_string(),
+            "tenant: must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @".to_string(),
         ));
     }
     // Ids are the decimal numbers the check script hands out.
@@ -116,12 +116,12 @@ pub fn validate_usage(r: UsageReport) -> Result<ValidUsage, Invalid> {
         || !r.reservation.bytes().all(|b| b.is_ascii_digit())
     {
         return Err(Invalid::Request(
-            "reservation must be the decimal id a check returned".to_string(),
+            "reservation: must be the decimal id a check returned".to_string(),
         ));
     }
     if r.total_tokens > MAX_TOKENS {
         return Err(Invalid::Request(format!(
-            "total_tokens must be at most {MAX_TOKENS}, got {}",
+            "total_tokens: must be at most {MAX_TOKENS}, got {}",
             r.total_tokens
         )));
     }
