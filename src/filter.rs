@@ -123,7 +123,7 @@ impl Context for Root {
         if !self.reports_in_flight.remove(&token) {
             return;
         }
-        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
+        let status = map_value(MapType::HttpCallResponseHeaders, ":status");
         if status.as_deref() == Some(b"200") {
             self.metrics.inc(Metric::UsageReported);
         } else {
@@ -542,6 +542,37 @@ fn read_pairs(map: MapType) -> Vec<u8> {
     }
 }
 
+/// One header value, or `None`. The SDK's `get_map_value_bytes` panics on
+/// any status but Ok/NotFound, and Envoy answers BadArgument for the callout
+/// response headers of a callout that failed with a reset (there are none):
+/// that panic killed the VM for every request of the worker. This reads the
+/// raw host call and treats every failure as "no value".
+fn map_value(map: MapType, key: &str) -> Option<Vec<u8>> {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_header_map_value(
+            map_type: MapType,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *mut *mut u8,
+            value_size: *mut usize,
+        ) -> u32;
+    }
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in read_pairs: on success the host hands us a buffer it
+    // allocated through the SDK's proxy_on_memory_allocate.
+    unsafe {
+        if proxy_get_header_map_value(map, key.as_ptr(), key.len(), &mut data, &mut size) != 0 {
+            return None;
+        }
+        if data.is_null() {
+            return Some(Vec::new());
+        }
+        Some(Vec::from_raw_parts(data, size, size))
+    }
+}
+
 fn property_string(path: &[&str]) -> Option<String> {
     match hostcalls::get_property(path.to_vec()) {
         Ok(Some(bytes)) => String::from_utf8(bytes).ok().filter(|s| !s.is_empty()),
@@ -554,7 +585,7 @@ impl Context for Request {
         let Phase::AwaitingQuota { failure_mode, retry_after_s, .. } = self.phase else {
             return;
         };
-        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
+        let status = map_value(MapType::HttpCallResponseHeaders, ":status");
         let body = if body_size > 0 && body_size <= decision::MAX_ANSWER_BYTES {
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten()
         } else if body_size > decision::MAX_ANSWER_BYTES {
@@ -642,9 +673,9 @@ impl HttpContext for Request {
         }
         if let Some(t) = self.tracker.as_mut() {
             let from_header = t.rules.usage_header.as_deref().and_then(|h| {
-                hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, h).ok().flatten().and_then(|v| usage::from_header(&v))
+                map_value(MapType::HttpResponseHeaders, h).and_then(|v| usage::from_header(&v))
             });
-            let content_type = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, "content-type").ok().flatten();
+            let content_type = map_value(MapType::HttpResponseHeaders, "content-type");
             let sse = content_type.is_some_and(|ct| ct.len() >= 17 && ct.get(..17).is_some_and(|p| p.eq_ignore_ascii_case(b"text/event-stream")));
             t.source = if from_header.is_some() {
                 t.usage = from_header;

@@ -122,6 +122,47 @@ fn h11_a_quota_service_slower_than_the_200ms_timeout_takes_the_failure_mode_in_t
     assert!(took >= Duration::from_millis(150), "the filter did wait for the callout ({took:?})");
 }
 
+/// A quota endpoint that answers the headers of a 200 and then cuts the
+/// connection in the middle of the body: Envoy reports the callout as
+/// failed by a reset, with no response headers at all.
+fn cutting_quota() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in l.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"allowed\"");
+            let _ = conn.flush();
+            // Dropping the connection resets the callout mid-body.
+        }
+    });
+    addr
+}
+
+#[test]
+fn h11_a_callout_reset_mid_answer_takes_the_failure_mode_and_never_kills_the_vm() {
+    let cut = cutting_quota();
+    let redis = Redis::start();
+    let service = Service::start(&redis.url(), ServiceOpts::default());
+    let upstream = DemoUpstream::start();
+    let cfg = plugin_config(json!({"quota_cluster": "cut_quota", "timeout_ms": 2000}));
+    let mut opts = EnvoyOpts::new(cfg, service.addr(), upstream.addr());
+    opts.extra_clusters.push(json!({
+        "name": "cut_quota", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "cut_quota", "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+            {"socket_address": {"address": "127.0.0.1", "port_value": cut.port()}}}}]}]}
+    }));
+    let envoy = Envoy::start(opts);
+    let s = Stack { envoy, upstream, service, redis };
+    for i in 0..3 {
+        assert_failure_modes(&s, "cut", Duration::from_secs(3), &format!("callout reset #{i}"), &["no_response_or_timeout", "malformed_answer"]);
+    }
+    let log = s.envoy.log();
+    assert!(!log.contains("panicked") && !log.contains("Wasm VM failed"), "{log}");
+}
+
 /// A plain HTTP/1.1 quota endpoint that records each callout's head and
 /// answers with a fixed admit decision.
 fn capturing_quota() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
