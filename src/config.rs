@@ -32,6 +32,19 @@ pub struct Policy {
     /// An upload route: refused (413) while the tenant is at or over its
     /// storage quota.
     pub upload: bool,
+    /// Decide and count, but never block: denials are forwarded (and
+    /// counted as `sluice_shadow_denied`), a failed callout fails open.
+    pub shadow: bool,
+    /// Report the upstream latency of admitted requests to the service.
+    pub report_latency: bool,
+}
+
+/// What a policy inherits from the top level.
+#[derive(Debug, Clone, Copy)]
+struct Inherited {
+    failure_mode: FailureMode,
+    shadow: bool,
+    report_latency: bool,
 }
 
 /// The validated configuration shared read-only by every request of a worker.
@@ -44,6 +57,8 @@ pub struct CompiledConfig {
     pub tenant_header: String,
     /// Seconds advertised in `Retry-After` of a fail-closed 503.
     pub unavailable_retry_after_s: u64,
+    /// In shadow mode, still put the rate-limit headers on responses.
+    pub shadow_headers: bool,
     exempt_exact: Vec<String>,
     exempt_prefixes: Vec<String>,
     default_policy: Policy,
@@ -91,6 +106,9 @@ const TOP_FIELDS: &[&str] = &[
     "default_policy",
     "policies",
     "unavailable_retry_after_s",
+    "shadow",
+    "shadow_headers",
+    "report_latency",
 ];
 const POLICY_FIELDS: &[&str] = &[
     "name",
@@ -102,6 +120,8 @@ const POLICY_FIELDS: &[&str] = &[
     "limits",
     "cost_rules",
     "upload",
+    "shadow",
+    "report_latency",
 ];
 
 /// Parses and validates the plugin configuration.
@@ -142,6 +162,12 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         None => DEFAULT_TENANT_HEADER.to_string(),
     };
     let failure_mode = opt_failure_mode(top, "failure_mode", "failure_mode")?.unwrap_or(FailureMode::Open);
+    let inherited = Inherited {
+        failure_mode,
+        shadow: opt_bool(top, "shadow", "shadow")?.unwrap_or(false),
+        report_latency: opt_bool(top, "report_latency", "report_latency")?.unwrap_or(false),
+    };
+    let shadow_headers = opt_bool(top, "shadow_headers", "shadow_headers")?.unwrap_or(false);
 
     let mut exempt_exact = Vec::new();
     let mut exempt_prefixes = Vec::new();
@@ -165,7 +191,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
 
     let default_policy = match top.get("default_policy") {
         Some(v) => {
-            let p = parse_policy(v, "default_policy", failure_mode)?;
+            let p = parse_policy(v, "default_policy", inherited)?;
             let o = as_object(v, "default_policy")?;
             for f in ["path_prefix", "route_name"] {
                 if o.contains_key(f) {
@@ -182,6 +208,8 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
             limits: Vec::new(),
             cost_rules: None,
             upload: false,
+            shadow: inherited.shadow,
+            report_latency: inherited.report_latency,
         },
     };
 
@@ -193,7 +221,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         let Value::Array(items) = v else { return err("policies", "must be an array of policies") };
         for (i, item) in items.iter().enumerate() {
             let path = format!("policies[{i}]");
-            let policy = parse_policy(item, &path, failure_mode)?;
+            let policy = parse_policy(item, &path, inherited)?;
             let o = as_object(item, &path)?;
             let prefix = opt_str(o, "path_prefix", &format!("{path}.path_prefix"))?;
             let route_name = opt_str(o, "route_name", &format!("{path}.route_name"))?;
@@ -234,6 +262,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         timeout_ms,
         tenant_header,
         unavailable_retry_after_s,
+        shadow_headers,
         exempt_exact,
         exempt_prefixes,
         default_policy,
@@ -244,7 +273,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
     })
 }
 
-fn parse_policy(v: &Value, path: &str, inherited: FailureMode) -> Result<Policy, ConfigError> {
+fn parse_policy(v: &Value, path: &str, inherited: Inherited) -> Result<Policy, ConfigError> {
     let o = as_object(v, path)?;
     check_known(o, POLICY_FIELDS, path)?;
     let name = match opt_str(o, "name", &format!("{path}.name"))? {
@@ -253,7 +282,11 @@ fn parse_policy(v: &Value, path: &str, inherited: FailureMode) -> Result<Policy,
         None => "default".to_string(),
     };
     let cost = opt_positive(o, "cost", &format!("{path}.cost"), MAX_COST)?.unwrap_or(1);
-    let failure_mode = opt_failure_mode(o, "failure_mode", &format!("{path}.failure_mode"))?.unwrap_or(inherited);
+    let failure_mode =
+        opt_failure_mode(o, "failure_mode", &format!("{path}.failure_mode"))?.unwrap_or(inherited.failure_mode);
+    let shadow = opt_bool(o, "shadow", &format!("{path}.shadow"))?.unwrap_or(inherited.shadow);
+    let report_latency =
+        opt_bool(o, "report_latency", &format!("{path}.report_latency"))?.unwrap_or(inherited.report_latency);
     let exempt = match o.get("exempt") {
         None => false,
         Some(Value::Bool(b)) => *b,
@@ -284,7 +317,15 @@ fn parse_policy(v: &Value, path: &str, inherited: FailureMode) -> Result<Policy,
     if exempt && (cost_rules.is_some() || upload) {
         return err(&format!("{path}.exempt"), "an exempt policy counts nothing: drop cost_rules and upload");
     }
-    Ok(Policy { name, cost, failure_mode, exempt, limits, cost_rules, upload })
+    Ok(Policy { name, cost, failure_mode, exempt, limits, cost_rules, upload, shadow, report_latency })
+}
+
+fn opt_bool(o: &Map<String, Value>, key: &str, field: &str) -> Result<Option<bool>, ConfigError> {
+    match o.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => err(field, "must be true or false"),
+    }
 }
 
 /// A lower-case header name: letters, digits, `-`, `_`, `.`.
@@ -451,6 +492,26 @@ mod tests {
         assert_eq!(bad(r#"{"quota_cluster":"q","timeout_ms":18446744073709551616}"#).field, "timeout_ms");
         assert_eq!(bad(r#"{"quota_cluster":"q","timeout_ms":"100"}"#).field, "timeout_ms");
         assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a","limits":{"hour":-1}}]}"#).field, "policies[0].limits.hour");
+    }
+
+    #[test]
+    fn shadow_and_latency_reports_are_inherited_by_policies_unless_they_say_otherwise() {
+        let c = compile(
+            br#"{"quota_cluster":"q","shadow":true,"report_latency":true,"shadow_headers":true,
+                "policies":[{"name":"enforced","path_prefix":"/e/","shadow":false,"report_latency":false},
+                            {"name":"inherits","path_prefix":"/i/"}]}"#,
+        )
+        .unwrap();
+        assert!(c.shadow_headers);
+        assert!(c.default_policy().shadow && c.default_policy().report_latency);
+        let e = c.select("/e/x", None, None);
+        assert!(!e.shadow && !e.report_latency);
+        let i = c.select("/i/x", None, None);
+        assert!(i.shadow && i.report_latency);
+        assert_eq!(bad(r#"{"quota_cluster":"q","shadow":"yes"}"#).field, "shadow");
+        assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a","shadow":1}]}"#).field, "policies[0].shadow");
+        let plain = compile(br#"{"quota_cluster":"q"}"#).unwrap();
+        assert!(!plain.default_policy().shadow && !plain.shadow_headers && !plain.default_policy().report_latency);
     }
 
     #[test]

@@ -18,7 +18,9 @@ pub type Headers = Vec<(&'static str, String)>;
 pub enum Outcome {
     /// Forward the request; put these headers on the response (none when
     /// the decision was a failed-open guess: no invented numbers).
-    Admit { headers: Headers },
+    /// Route it to this reserved pool (the `x-sluice-pool` request header).
+    /// `shadow_denied`: the quota said no, shadow mode forwards it anyway.
+    Admit { headers: Headers, pool: Option<String>, shadow_denied: bool },
     /// Answer locally.
     Reply { status: u32, headers: Headers, body: String },
 }
@@ -90,15 +92,25 @@ fn is_sf_safe(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
 }
 
-/// Turns a decision into what the client gets.
-pub fn decide(resp: &CheckResponse) -> Outcome {
+/// Turns a decision into what the client gets. In shadow mode (the route's
+/// or, as the service says, the tenant's) nothing is blocked: a denial is
+/// forwarded, and the rate-limit headers are only added when
+/// `shadow_headers` is on.
+pub fn decide(resp: &CheckResponse, route_shadow: bool, shadow_headers: bool) -> Outcome {
+    let pool = resp.reserved_pool.clone().filter(|p| sluice_wire::is_valid_policy_name(p));
     let Some(binding) = resp.windows.get(resp.binding) else {
         // parse_answer guarantees the index; stay total anyway.
-        return Outcome::Admit { headers: Vec::new() };
+        return Outcome::Admit { headers: Vec::new(), pool, shadow_denied: false };
     };
     let mut headers = rate_limit_headers(&resp.windows, binding);
+    if route_shadow || resp.shadow {
+        if !shadow_headers {
+            headers.clear();
+        }
+        return Outcome::Admit { headers, pool, shadow_denied: !resp.allowed };
+    }
     if resp.allowed {
-        return Outcome::Admit { headers };
+        return Outcome::Admit { headers, pool, shadow_denied: false };
     }
     if let Some(st) = resp.storage.as_ref().filter(|s| s.exceeded) {
         // 413, not 429: waiting does not help until the tenant deletes
@@ -149,7 +161,7 @@ pub fn rate_limit_headers(windows: &[WindowState], binding: &WindowState) -> Hea
 /// The route's failure mode, applied when no decision could be had.
 pub fn on_failure(mode: FailureMode, retry_after_s: u64, why: CalloutFailure) -> Outcome {
     match mode {
-        FailureMode::Open => Outcome::Admit { headers: Vec::new() },
+        FailureMode::Open => Outcome::Admit { headers: Vec::new(), pool: None, shadow_denied: false },
         FailureMode::Closed => reply(
             503,
             vec![("retry-after", retry_after_s.to_string())],
@@ -225,8 +237,11 @@ mod tests {
             retry_after: None,
             reservation: None,
             storage: None,
+            shadow: false,
+            reserved_pool: None,
         };
-        let Outcome::Admit { headers } = decide(&resp) else { panic!("not admitted") };
+        let Outcome::Admit { headers, pool, shadow_denied } = decide(&resp, false, false) else { panic!("not admitted") };
+        assert_eq!((pool, shadow_denied), (None, false));
         assert_eq!(header(&headers, "x-ratelimit-limit"), ["100"]);
         assert_eq!(header(&headers, "x-ratelimit-remaining"), ["1"]);
         assert_eq!(header(&headers, "x-ratelimit-reset"), ["1700000600"]);
@@ -245,8 +260,10 @@ mod tests {
             retry_after: Some(600),
             reservation: None,
             storage: None,
+            shadow: false,
+            reserved_pool: None,
         };
-        let Outcome::Reply { status, headers, body } = decide(&resp) else { panic!("not a reply") };
+        let Outcome::Reply { status, headers, body } = decide(&resp, false, false) else { panic!("not a reply") };
         assert_eq!(status, 429);
         assert_eq!(header(&headers, "retry-after"), ["600"]);
         assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
@@ -270,12 +287,54 @@ mod tests {
             retry_after: Some(0),
             reservation: None,
             storage: None,
+            shadow: false,
+            reserved_pool: None,
         };
-        let Outcome::Reply { status, headers, .. } = decide(&resp) else { panic!("not a reply") };
+        let Outcome::Reply { status, headers, .. } = decide(&resp, false, false) else { panic!("not a reply") };
         assert_eq!(status, 429);
         assert_eq!(header(&headers, "x-ratelimit-limit"), ["0"]);
         assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
         assert_eq!(header(&headers, "retry-after"), ["1"], "Retry-After is never 0");
+    }
+
+    fn denied(shadow: bool, pool: Option<&str>) -> CheckResponse {
+        CheckResponse {
+            allowed: false,
+            tier: "free".into(),
+            windows: vec![win("hour", Window::Hour, 10, 10, 600)],
+            binding: 0,
+            retry_after: Some(600),
+            reservation: None,
+            storage: None,
+            shadow,
+            reserved_pool: pool.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn shadow_mode_forwards_denials_with_headers_only_when_asked() {
+        for (route, tenant) in [(true, false), (false, true)] {
+            let Outcome::Admit { headers, shadow_denied, .. } = decide(&denied(tenant, None), route, false) else {
+                panic!("shadow must not block")
+            };
+            assert!(shadow_denied);
+            assert!(headers.is_empty());
+        }
+        let Outcome::Admit { headers, .. } = decide(&denied(true, None), false, true) else { panic!() };
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
+        assert!(header(&headers, "retry-after").is_empty(), "nothing says retry: it went through");
+    }
+
+    #[test]
+    fn a_reserved_pool_routes_admitted_requests_and_bad_names_are_ignored() {
+        let mut ok = denied(false, Some("gold"));
+        ok.allowed = true;
+        let Outcome::Admit { pool, .. } = decide(&ok, false, false) else { panic!() };
+        assert_eq!(pool.as_deref(), Some("gold"));
+        ok.reserved_pool = Some("bad name\r\n".into());
+        let Outcome::Admit { pool, .. } = decide(&ok, false, false) else { panic!() };
+        assert_eq!(pool, None);
+        assert!(matches!(decide(&denied(false, Some("gold")), false, false), Outcome::Reply { status: 429, .. }));
     }
 
     #[test]
@@ -305,7 +364,10 @@ mod tests {
 
     #[test]
     fn h11_fail_open_admits_without_invented_headers_and_fail_closed_is_a_short_503() {
-        assert_eq!(on_failure(FailureMode::Open, 1, CalloutFailure::NoResponse), Outcome::Admit { headers: vec![] });
+        assert_eq!(
+            on_failure(FailureMode::Open, 1, CalloutFailure::NoResponse),
+            Outcome::Admit { headers: vec![], pool: None, shadow_denied: false }
+        );
         let Outcome::Reply { status, headers, body } = on_failure(FailureMode::Closed, 2, CalloutFailure::Dispatch) else {
             panic!("closed must reply")
         };
@@ -336,8 +398,10 @@ mod tests {
             retry_after: Some(600),
             reservation: None,
             storage: Some(sluice_wire::StorageState { used: 10, limit: 10, exceeded: true }),
+            shadow: false,
+            reserved_pool: None,
         };
-        let Outcome::Reply { status, headers, body } = decide(&resp) else { panic!("not a reply") };
+        let Outcome::Reply { status, headers, body } = decide(&resp, false, false) else { panic!("not a reply") };
         assert_eq!(status, 413);
         assert!(header(&headers, "retry-after").is_empty());
         let v: Value = serde_json::from_str(&body).unwrap();

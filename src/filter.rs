@@ -24,16 +24,16 @@ use crate::decision::{self, CalloutFailure, Outcome, OWNED_RESPONSE_HEADERS};
 use crate::pairs;
 use crate::tenant::{self, TenantError};
 use crate::usage::{self, SseScanner};
-use hashbrown::HashSet;
+use hashbrown::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
-use sluice_wire::{CheckRequest, UsageReport, CHECK_PATH, USAGE_PATH};
+use sluice_wire::{CheckRequest, ReportRequest, UsageReport, CHECK_PATH, POOL_HEADER, REPORT_PATH, USAGE_PATH};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -41,7 +41,7 @@ proxy_wasm::main! {{
 }}
 
 /// Envoy stat names (exported with Envoy's `wasmcustom.` prefix).
-const METRIC_NAMES: [&str; 13] = [
+const METRIC_NAMES: [&str; 16] = [
     "sluice.allowed",
     "sluice.denied",
     "sluice.failed_open",
@@ -55,6 +55,9 @@ const METRIC_NAMES: [&str; 13] = [
     "sluice.usage_reported",
     "sluice.usage_report_failed",
     "sluice.usage_missing",
+    "sluice.shadow_denied",
+    "sluice.reserved",
+    "sluice.latency_reports",
 ];
 
 #[derive(Clone, Copy)]
@@ -72,6 +75,9 @@ enum Metric {
     UsageReported,
     UsageReportFailed,
     UsageMissing,
+    ShadowDenied,
+    Reserved,
+    LatencyReports,
 }
 
 #[derive(Default)]
@@ -95,10 +101,28 @@ impl Metrics {
     }
 }
 
-/// Usage reports waiting for the root context to send them.
+/// What a queued report is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReportKind {
+    /// Token usage (`POST /v1/usage`).
+    Usage,
+    /// Upstream latency (`POST /v1/report`).
+    Latency,
+}
+
+impl ReportKind {
+    fn path(self) -> &'static str {
+        match self {
+            ReportKind::Usage => USAGE_PATH,
+            ReportKind::Latency => REPORT_PATH,
+        }
+    }
+}
+
+/// Reports waiting for the root context to send them.
 #[derive(Default)]
 struct Outbox {
-    reports: VecDeque<Vec<u8>>,
+    reports: VecDeque<(ReportKind, Vec<u8>)>,
     /// A tick is scheduled to drain the queue.
     armed: bool,
 }
@@ -114,16 +138,23 @@ struct Root {
     config: Option<Rc<CompiledConfig>>,
     metrics: Rc<Metrics>,
     outbox: Rc<RefCell<Outbox>>,
-    /// Tokens of report callouts in flight (the configure-time probe is not one).
-    reports_in_flight: HashSet<u32>,
+    /// Report callouts in flight (the configure-time probe is not one).
+    reports_in_flight: HashMap<u32, ReportKind>,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
-        if !self.reports_in_flight.remove(&token) {
+        let Some(kind) = self.reports_in_flight.remove(&token) else {
+            return;
+        };
+        let status = map_value(MapType::HttpCallResponseHeaders, ":status");
+        if kind == ReportKind::Latency {
+            // Best effort: a lost latency report only thins the histogram.
+            if status.as_deref() == Some(b"204") {
+                self.metrics.inc(Metric::LatencyReports);
+            }
             return;
         }
-        let status = map_value(MapType::HttpCallResponseHeaders, ":status");
         if status.as_deref() == Some(b"200") {
             self.metrics.inc(Metric::UsageReported);
         } else {
@@ -160,34 +191,36 @@ impl RootContext for Root {
             outbox: Rc::clone(&self.outbox),
             phase: Phase::Start,
             tracker: None,
+            latency: None,
         }))
     }
 
     /// Sends every queued usage report, then stops ticking until the next
     /// report arms it again.
     fn on_tick(&mut self) {
-        let reports: Vec<Vec<u8>> = {
+        let reports: Vec<(ReportKind, Vec<u8>)> = {
             let mut outbox = self.outbox.borrow_mut();
             outbox.armed = false;
             outbox.reports.drain(..).collect()
         };
         let _ = hostcalls::set_tick_period(Duration::ZERO);
         let Some(config) = self.config.clone() else { return };
-        for body in reports {
+        for (kind, body) in reports {
             let headers = vec![
                 (":method", "POST"),
-                (":path", USAGE_PATH),
+                (":path", kind.path()),
                 (":authority", config.quota_authority.as_str()),
                 ("content-type", "application/json"),
             ];
             match hostcalls::dispatch_http_call(&config.quota_cluster, headers, Some(&body), vec![], REPORT_TIMEOUT) {
                 Ok(token) => {
-                    self.reports_in_flight.insert(token);
+                    self.reports_in_flight.insert(token, kind);
                 }
-                Err(status) => {
+                Err(status) if kind == ReportKind::Usage => {
                     self.metrics.inc(Metric::UsageReportFailed);
                     log::warn!("usage report dispatch failed: {status:?}; the reservation stands");
                 }
+                Err(_) => {}
             }
         }
     }
@@ -229,6 +262,8 @@ enum Phase {
         retry_after_s: u64,
         /// Tenant and rules, when the check reserves tokens.
         tokens: Option<(String, Arc<CostRules>)>,
+        /// The route is in shadow mode.
+        shadow: bool,
     },
     Admitted { headers: decision::Headers },
     Done,
@@ -256,29 +291,96 @@ struct Tracker {
     complete: bool,
 }
 
+/// A latency report to send once the upstream answers: the tenant, and
+/// when the request was forwarded (host time).
+struct PendingLatency {
+    tenant: String,
+    forwarded_at: Option<SystemTime>,
+}
+
 struct Request {
     config: Option<Rc<CompiledConfig>>,
     metrics: Rc<Metrics>,
     outbox: Rc<RefCell<Outbox>>,
     phase: Phase,
     tracker: Option<Tracker>,
+    latency: Option<PendingLatency>,
 }
 
 impl Request {
     fn finish(&mut self, outcome: Outcome) -> Action {
         match outcome {
-            Outcome::Admit { headers } => {
+            Outcome::Admit { headers, pool, shadow_denied } => {
+                if shadow_denied {
+                    self.metrics.inc(Metric::ShadowDenied);
+                }
+                if let Some(pool) = pool {
+                    self.route_to_pool(&pool);
+                }
+                if let Some(l) = self.latency.as_mut() {
+                    l.forwarded_at = hostcalls::get_current_time().ok();
+                }
                 self.phase = if headers.is_empty() { Phase::Done } else { Phase::Admitted { headers } };
                 Action::Continue
             }
             Outcome::Reply { status, headers, body } => {
                 self.phase = Phase::Done;
+                self.latency = None;
                 let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 if hostcalls::send_http_response(status, hs, Some(body.as_bytes())).is_err() {
                     log::warn!("could not send the local {status} reply");
                 }
                 Action::Pause
             }
+        }
+    }
+
+    /// Sets the internal pool header and makes Envoy pick the route again
+    /// (Envoy documents the `clear_route_cache` foreign function as the way
+    /// to re-route after a filter changed request headers).
+    fn route_to_pool(&self, pool: &str) {
+        if hostcalls::set_map_value(MapType::HttpRequestHeaders, POOL_HEADER, Some(pool)).is_err() {
+            log::warn!("could not set {POOL_HEADER}");
+            return;
+        }
+        if hostcalls::call_foreign_function("clear_route_cache", None).is_err() {
+            log::warn!("clear_route_cache is not available; the request keeps its first route");
+        }
+        self.metrics.inc(Metric::Reserved);
+    }
+
+    /// Queues the upstream latency of an admitted request for the root
+    /// context to send (fire and forget, like the usage reports).
+    fn report_latency(&mut self) {
+        let Some(PendingLatency { tenant, forwarded_at: Some(at) }) = self.latency.take() else {
+            return;
+        };
+        let Ok(now) = hostcalls::get_current_time() else { return };
+        let ms = now.duration_since(at).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let report = ReportRequest { tenant, upstream_latency_ms: ms.min(3_600_000) };
+        if let Ok(body) = serde_json::to_vec(&report) {
+            self.queue(ReportKind::Latency, body);
+        }
+    }
+
+    /// Puts a report in the root context's outbox and arms its timer.
+    fn queue(&mut self, kind: ReportKind, body: Vec<u8>) {
+        let arm = {
+            let mut outbox = self.outbox.borrow_mut();
+            if outbox.reports.len() >= MAX_OUTBOX {
+                drop(outbox);
+                if kind == ReportKind::Usage {
+                    self.metrics.inc(Metric::UsageReportFailed);
+                }
+                return;
+            }
+            outbox.reports.push_back((kind, body));
+            !std::mem::replace(&mut outbox.armed, true)
+        };
+        // Sets the root context's timer (Envoy keeps one per root context).
+        if arm && hostcalls::set_tick_period(Duration::from_millis(1)).is_err() {
+            self.outbox.borrow_mut().armed = false;
+            log::warn!("could not schedule a report");
         }
     }
 
@@ -313,10 +415,16 @@ impl Request {
                 path = value;
             }
         }
+        let stripped = !internal.is_empty();
         for name in internal {
             if let Ok(name) = std::str::from_utf8(name) {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
             }
+        }
+        if stripped {
+            // Envoy may already have picked a route with the client's
+            // header (e.g. a forged x-sluice-pool): pick it again without.
+            let _ = hostcalls::call_foreign_function("clear_route_cache", None);
         }
 
         let path = std::str::from_utf8(path).unwrap_or("/");
@@ -361,8 +469,13 @@ impl Request {
             route_limits: policy.limits.clone(),
             tokens: 0,
             upload: policy.upload,
+            shadow: policy.shadow,
         };
-        let failure_mode = policy.failure_mode;
+        // A route in shadow mode never blocks, not even when the service is down.
+        let failure_mode = if policy.shadow { config::FailureMode::Open } else { policy.failure_mode };
+        if policy.report_latency {
+            self.latency = Some(PendingLatency { tenant: tenant.to_string(), forwarded_at: None });
+        }
         if let Some(rules) = &policy.cost_rules {
             let pending = Pending { request, failure_mode, rules: Arc::clone(rules), seen: 0 };
             if end_of_stream {
@@ -406,6 +519,7 @@ impl Request {
         tokens: Option<(String, Arc<CostRules>)>,
     ) -> Action {
         let retry_after_s = config.unavailable_retry_after_s;
+        let shadow = request.shadow;
         let Ok(body) = serde_json::to_vec(&request) else {
             let outcome = self.fail(failure_mode, retry_after_s, CalloutFailure::Dispatch);
             return self.finish(outcome);
@@ -424,7 +538,7 @@ impl Request {
             Duration::from_millis(config.timeout_ms),
         ) {
             Ok(_) => {
-                self.phase = Phase::AwaitingQuota { failure_mode, retry_after_s, tokens };
+                self.phase = Phase::AwaitingQuota { failure_mode, retry_after_s, tokens, shadow };
                 Action::Pause
             }
             Err(status) => {
@@ -481,21 +595,7 @@ impl Request {
         };
         let report = UsageReport { tenant: t.tenant, reservation: t.reservation, total_tokens, complete: t.complete };
         let Ok(body) = serde_json::to_vec(&report) else { return };
-        let arm = {
-            let mut outbox = self.outbox.borrow_mut();
-            if outbox.reports.len() >= MAX_OUTBOX {
-                drop(outbox);
-                self.metrics.inc(Metric::UsageReportFailed);
-                return;
-            }
-            outbox.reports.push_back(body);
-            !std::mem::replace(&mut outbox.armed, true)
-        };
-        // Sets the root context's timer (Envoy keeps one per root context).
-        if arm && hostcalls::set_tick_period(Duration::from_millis(1)).is_err() {
-            self.outbox.borrow_mut().armed = false;
-            log::warn!("could not schedule the usage report");
-        }
+        self.queue(ReportKind::Usage, body);
     }
 
     /// Reads usage from a response body chunk as it passes.
@@ -582,9 +682,10 @@ fn property_string(path: &[&str]) -> Option<String> {
 
 impl Context for Request {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        let Phase::AwaitingQuota { failure_mode, retry_after_s, .. } = self.phase else {
+        let Phase::AwaitingQuota { failure_mode, retry_after_s, shadow, .. } = self.phase else {
             return;
         };
+        let shadow_headers = self.config.as_ref().is_some_and(|c| c.shadow_headers);
         let status = map_value(MapType::HttpCallResponseHeaders, ":status");
         let body = if body_size > 0 && body_size <= decision::MAX_ANSWER_BYTES {
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten()
@@ -596,14 +697,13 @@ impl Context for Request {
         };
         let outcome = match decision::parse_answer(status.as_deref(), body.as_deref()) {
             Ok(resp) => {
+                let in_shadow = shadow || resp.shadow;
                 let storage_denied = !resp.allowed && resp.storage.as_ref().is_some_and(|s| s.exceeded);
-                self.metrics.inc(if resp.allowed {
-                    Metric::Allowed
-                } else if storage_denied {
-                    Metric::StorageDenied
-                } else {
-                    Metric::Denied
-                });
+                if resp.allowed {
+                    self.metrics.inc(Metric::Allowed);
+                } else if !in_shadow {
+                    self.metrics.inc(if storage_denied { Metric::StorageDenied } else { Metric::Denied });
+                }
                 if let (true, Some(r), Phase::AwaitingQuota { tokens: Some((tenant, rules)), .. }) =
                     (resp.allowed, &resp.reservation, &self.phase)
                 {
@@ -616,7 +716,7 @@ impl Context for Request {
                         complete: false,
                     });
                 }
-                decision::decide(&resp)
+                decision::decide(&resp, shadow, shadow_headers)
             }
             Err(why) => {
                 log::warn!("quota callout failed: {}", why.as_str());
@@ -662,6 +762,7 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.report_latency();
         if let Phase::Admitted { headers } = &self.phase {
             for name in OWNED_RESPONSE_HEADERS {
                 let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, None);

@@ -8,7 +8,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::{Map, Value};
 use sluice_wire::Window;
 
 /// Largest limit (and counter) accepted anywhere. Redis Lua numbers are
@@ -61,99 +62,199 @@ impl fmt::Display for Secret {
     }
 }
 
-/// Limits of one tier. A limit left out is not enforced for the tier. Token
-/// budgets (`tokens_hour`, `tokens_month`) are charged by checks that carry
-/// a token estimate; `storage_bytes` bounds uploads (see [`LimitField`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TierLimits {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hour: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub day: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub month: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens_hour: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens_month: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub storage_bytes: Option<u64>,
+/// Most a tenant's cost weight may multiply a request's cost by.
+pub const MAX_COST_WEIGHT: u64 = 1_000;
+
+/// How a named limit is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// A counted calendar window, enforced by the check script.
+    Window(Window),
+    /// Multiplies the cost of every request of the tenant (default 1).
+    CostWeight,
+    /// A token window, charged by checks that carry a token estimate
+    /// (reserved at admission, reconciled with real usage).
+    TokenWindow(Window),
+    /// The storage quota: upload routes are refused while the reported
+    /// storage use is at or over it.
+    Storage,
 }
 
-/// Every limit a tier (or a per-tenant override) can set, in the order the
-/// scripts take them. The admin API, the tiers table passed to the scripts
-/// and the tenant's cfg hash all iterate this one list, so a new limit is
-/// added here and nowhere else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LimitField {
-    Hour,
-    Day,
-    Month,
-    TokensHour,
-    TokensMonth,
-    StorageBytes,
+/// One named limit: a tier field, a custom limit and an override all use
+/// these names. Everything generic (tiers, custom limits, overrides, the
+/// tenant view, the CLI) iterates [`LIMITS`]; adding a limit is one entry here
+/// (plus the code that counts it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitDef {
+    pub name: &'static str,
+    pub kind: LimitKind,
+    pub min: u64,
+    pub max: u64,
 }
 
-impl LimitField {
-    pub const ALL: [LimitField; 6] = [
-        LimitField::Hour,
-        LimitField::Day,
-        LimitField::Month,
-        LimitField::TokensHour,
-        LimitField::TokensMonth,
-        LimitField::StorageBytes,
-    ];
+/// Every limit Sluice knows, in display order.
+pub const LIMITS: &[LimitDef] = &[
+    LimitDef {
+        name: "hour",
+        kind: LimitKind::Window(Window::Hour),
+        min: 0,
+        max: MAX_LIMIT,
+    },
+    LimitDef {
+        name: "day",
+        kind: LimitKind::Window(Window::Day),
+        min: 0,
+        max: MAX_LIMIT,
+    },
+    LimitDef {
+        name: "month",
+        kind: LimitKind::Window(Window::Month),
+        min: 0,
+        max: MAX_LIMIT,
+    },
+    LimitDef {
+        name: "cost_weight",
+        kind: LimitKind::CostWeight,
+        min: 1,
+        max: MAX_COST_WEIGHT,
+    },
+    LimitDef {
+        name: "tokens_hour",
+        kind: LimitKind::TokenWindow(Window::Hour),
+        min: 0,
+        max: MAX_LIMIT,
+    },
+    LimitDef {
+        name: "tokens_month",
+        kind: LimitKind::TokenWindow(Window::Month),
+        min: 0,
+        max: MAX_LIMIT,
+    },
+    LimitDef {
+        name: "storage_bytes",
+        kind: LimitKind::Storage,
+        min: 0,
+        max: MAX_LIMIT,
+    },
+];
 
-    /// The field name in tiers files, admin bodies and the cfg hash.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LimitField::Hour => "hour",
-            LimitField::Day => "day",
-            LimitField::Month => "month",
-            LimitField::TokensHour => "tokens_hour",
-            LimitField::TokensMonth => "tokens_month",
-            LimitField::StorageBytes => "storage_bytes",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<LimitField> {
-        LimitField::ALL.into_iter().find(|f| f.as_str() == name)
-    }
-
-    pub fn of_window(window: Window) -> LimitField {
-        match window {
-            Window::Hour => LimitField::Hour,
-            Window::Day => LimitField::Day,
-            Window::Month => LimitField::Month,
-        }
-    }
+/// The definition of limit `name`, if Sluice knows it.
+pub fn limit_def(name: &str) -> Option<&'static LimitDef> {
+    LIMITS.iter().find(|d| d.name == name)
 }
 
-impl TierLimits {
+/// `hour, day, month, ...` for error messages.
+pub fn limit_names() -> String {
+    LIMITS.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Checks `value` against limit `name`'s bounds; the error names `field`.
+pub fn check_limit(field: &str, name: &str, value: u64) -> Result<(), ConfigError> {
+    let Some(def) = limit_def(name) else {
+        return Err(err(format!(
+            "{field}: unknown limit {name:?} (known: {})",
+            limit_names()
+        )));
+    };
+    if value < def.min || value > def.max {
+        return Err(err(format!(
+            "{field}: must be between {} and {}, got {value}",
+            def.min, def.max
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `name` is a valid reserved pool name (same rules as policy names:
+/// it becomes a header value the route table matches).
+pub fn is_valid_pool_name(name: &str) -> bool {
+    sluice_wire::is_valid_policy_name(name)
+}
+
+/// One tier: a value for some of the [`LIMITS`] (a window left out is not
+/// enforced) and, optionally, the reserved pool its tenants are routed to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tier {
+    pub limits: BTreeMap<String, u64>,
+    pub reserved_pool: Option<String>,
+}
+
+/// The former name of [`Tier`].
+pub type TierLimits = Tier;
+
+impl Tier {
     pub fn window(&self, window: Window) -> Option<u64> {
-        self.get(LimitField::of_window(window))
+        self.get(window.as_str())
     }
 
-    pub fn get(&self, field: LimitField) -> Option<u64> {
-        match field {
-            LimitField::Hour => self.hour,
-            LimitField::Day => self.day,
-            LimitField::Month => self.month,
-            LimitField::TokensHour => self.tokens_hour,
-            LimitField::TokensMonth => self.tokens_month,
-            LimitField::StorageBytes => self.storage_bytes,
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.limits.get(name).copied()
+    }
+
+    /// Parses and validates one tier object; errors name `path.field`.
+    pub fn from_value(path: &str, value: &Value) -> Result<Tier, ConfigError> {
+        let Value::Object(fields) = value else {
+            return Err(err(format!("{path}: a tier must be a JSON object")));
+        };
+        let mut tier = Tier::default();
+        for (field, v) in fields {
+            let at = format!("{path}.{field}");
+            if field == "reserved_pool" {
+                match v {
+                    Value::Null => {}
+                    Value::String(p) if is_valid_pool_name(p) => {
+                        tier.reserved_pool = Some(p.clone())
+                    }
+                    _ => {
+                        return Err(err(format!(
+                            "{at}: must be null or 1..=64 bytes of A-Z a-z 0-9 . _ -"
+                        )))
+                    }
+                }
+                continue;
+            }
+            if limit_def(field).is_none() {
+                return Err(err(format!(
+                    "{at}: unknown field (expected one of: {}, reserved_pool)",
+                    limit_names()
+                )));
+            }
+            let n = v.as_u64().ok_or_else(|| {
+                err(format!("{at}: must be a whole number, got {v}"))
+            })?;
+            if n > MAX_LIMIT {
+                return Err(err(format!("{at}: {n} exceeds the maximum {MAX_LIMIT}")));
+            }
+            check_limit(&at, field, n)?;
+            tier.limits.insert(field.clone(), n);
         }
+        if Window::ALL.iter().all(|w| tier.window(*w).is_none()) {
+            return Err(err(format!(
+                "{path}: a tier needs at least one of hour, day, month"
+            )));
+        }
+        Ok(tier)
+    }
+
+    /// The tier as JSON, in [`LIMITS`] order.
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        for def in LIMITS {
+            if let Some(v) = self.get(def.name) {
+                m.insert(def.name.to_string(), Value::from(v));
+            }
+        }
+        if let Some(p) = &self.reserved_pool {
+            m.insert("reserved_pool".to_string(), Value::String(p.clone()));
+        }
+        Value::Object(m)
     }
 }
 
-/// The tiers file as written on disk.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TiersFile {
-    #[serde(default)]
-    default_tier: Option<String>,
-    tiers: BTreeMap<String, TierLimits>,
+impl Serialize for Tier {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(s)
+    }
 }
 
 /// Compiled tiers: every tier has at least one window, every limit is in
@@ -161,7 +262,7 @@ struct TiersFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tiers {
     default_tier: String,
-    tiers: BTreeMap<String, TierLimits>,
+    tiers: BTreeMap<String, Tier>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,13 +283,18 @@ fn err(msg: impl Into<String>) -> ConfigError {
 impl Tiers {
     /// The built-in tiers of design.md.
     pub fn builtin(default_tier: Option<&str>) -> Result<Tiers, ConfigError> {
-        let tier = |h, d, m, tokens, storage| TierLimits {
-            hour: Some(h),
-            day: Some(d),
-            month: Some(m),
-            tokens_hour: None,
-            tokens_month: Some(tokens),
-            storage_bytes: Some(storage),
+        let tier = |h: u64, d: u64, m: u64, tokens: u64, storage: u64| Tier {
+            limits: [
+                ("hour", h),
+                ("day", d),
+                ("month", m),
+                ("tokens_month", tokens),
+                ("storage_bytes", storage),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            reserved_pool: None,
         };
         let mut tiers = BTreeMap::new();
         tiers.insert(
@@ -206,18 +312,42 @@ impl Tiers {
         Tiers::compile(default_tier.unwrap_or(FALLBACK_DEFAULT_TIER), tiers)
     }
 
-    /// Parses a tiers file. The `default_tier` argument (flag/env) wins over
-    /// the file's own `default_tier`.
+    /// Parses a tiers document (`{"default_tier":..,"tiers":{..}}`). The
+    /// `default_tier` argument (flag/env) wins over the document's own.
     pub fn from_json(text: &str, default_tier: Option<&str>) -> Result<Tiers, ConfigError> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let file: TiersFile = serde_path_to_error::deserialize(&mut de)
-            .map_err(|e| err(format!("tiers file: {e}")))?;
-        de.end().map_err(|e| err(format!("tiers file: {e}")))?;
+        let doc: Value =
+            serde_json::from_str(text).map_err(|e| err(format!("tiers file: {e}")))?;
+        let Value::Object(top) = doc else {
+            return Err(err("tiers file: must be a JSON object"));
+        };
+        let mut file_default = None;
+        let mut tiers = None;
+        for (k, v) in &top {
+            match (k.as_str(), v) {
+                ("default_tier", Value::String(s)) => file_default = Some(s.clone()),
+                ("default_tier", Value::Null) => {}
+                ("default_tier", _) => return Err(err("default_tier: must be a string")),
+                ("tiers", Value::Object(m)) => {
+                    let mut out = BTreeMap::new();
+                    for (name, t) in m {
+                        out.insert(name.clone(), Tier::from_value(&format!("tiers.{name}"), t)?);
+                    }
+                    tiers = Some(out);
+                }
+                ("tiers", _) => return Err(err("tiers: must be an object of tiers")),
+                (other, _) => {
+                    return Err(err(format!(
+                        "{other}: unknown field (expected default_tier, tiers)"
+                    )))
+                }
+            }
+        }
+        let tiers = tiers.ok_or_else(|| err("tiers: missing field `tiers`"))?;
         let default = default_tier
             .map(str::to_string)
-            .or(file.default_tier)
+            .or(file_default)
             .unwrap_or_else(|| FALLBACK_DEFAULT_TIER.to_string());
-        Tiers::compile(&default, file.tiers)
+        Tiers::compile(&default, tiers)
     }
 
     pub fn from_file(path: &Path, default_tier: Option<&str>) -> Result<Tiers, ConfigError> {
@@ -227,34 +357,18 @@ impl Tiers {
             .map_err(|e| err(format!("{} ({})", e.0, path.display())))
     }
 
-    fn compile(
-        default_tier: &str,
-        tiers: BTreeMap<String, TierLimits>,
-    ) -> Result<Tiers, ConfigError> {
+    fn compile(default_tier: &str, tiers: BTreeMap<String, Tier>) -> Result<Tiers, ConfigError> {
         if tiers.is_empty() {
             return Err(err("tiers: at least one tier is required"));
         }
-        for (name, limits) in &tiers {
+        for (name, tier) in &tiers {
             if !sluice_wire::is_valid_policy_name(name) {
                 return Err(err(format!(
                     "tiers.{name}: tier names are 1..=64 bytes of A-Z a-z 0-9 . _ -"
                 )));
             }
-            if Window::ALL.iter().all(|w| limits.window(*w).is_none()) {
-                return Err(err(format!(
-                    "tiers.{name}: a tier needs at least one of hour, day, month"
-                )));
-            }
-            for f in LimitField::ALL {
-                if let Some(limit) = limits.get(f) {
-                    if limit > MAX_LIMIT {
-                        return Err(err(format!(
-                            "tiers.{name}.{}: {limit} exceeds the maximum {MAX_LIMIT}",
-                            f.as_str()
-                        )));
-                    }
-                }
-            }
+            // Tiers built in code (not parsed) are validated here too.
+            Tier::from_value(&format!("tiers.{name}"), &tier.to_value())?;
         }
         if !tiers.contains_key(default_tier) {
             let known: Vec<&str> = tiers.keys().map(String::as_str).collect();
@@ -273,39 +387,121 @@ impl Tiers {
         &self.default_tier
     }
 
-    pub fn get(&self, name: &str) -> Option<&TierLimits> {
+    pub fn get(&self, name: &str) -> Option<&Tier> {
         self.tiers.get(name)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &TierLimits)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tier)> {
         self.tiers.iter()
     }
 
-    /// The tier table as the scripts take it:
-    /// `{"free":[hour,day,month,tokens_hour,tokens_month,storage_bytes]}`
-    /// ([`LimitField::ALL`] order) with -1 for a limit the tier does not
-    /// enforce. Built once at start-up.
-    pub fn script_arg(&self) -> String {
-        let table: BTreeMap<&str, Vec<i64>> = self
+    pub fn names(&self) -> Vec<&str> {
+        self.tiers.keys().map(String::as_str).collect()
+    }
+
+    /// These tiers with `name` created or replaced.
+    pub fn with_tier(&self, name: &str, tier: Tier) -> Result<Tiers, ConfigError> {
+        let mut tiers = self.tiers.clone();
+        tiers.insert(name.to_string(), tier);
+        Tiers::compile(&self.default_tier, tiers)
+    }
+
+    /// These tiers without `name`; the default tier can not be removed.
+    pub fn without_tier(&self, name: &str) -> Result<Tiers, ConfigError> {
+        if name == self.default_tier {
+            return Err(err(format!(
+                "tier {name:?} is the default tier; make another tier the default first"
+            )));
+        }
+        let mut tiers = self.tiers.clone();
+        tiers.remove(name);
+        Tiers::compile(&self.default_tier, tiers)
+    }
+
+    /// These tiers with another default tier.
+    pub fn with_default(&self, name: &str) -> Result<Tiers, ConfigError> {
+        Tiers::compile(name, self.tiers.clone())
+    }
+
+    /// The document stored in Redis and returned by the admin API.
+    pub fn to_value(&self) -> Value {
+        let tiers: Map<String, Value> = self
             .tiers
             .iter()
-            .map(|(name, l)| {
-                let lim = |f| l.get(f).map_or(-1, |v| i64::try_from(v).unwrap_or(-1));
-                (name.as_str(), LimitField::ALL.into_iter().map(lim).collect())
-            })
+            .map(|(k, t)| (k.clone(), t.to_value()))
             .collect();
-        serde_json::to_string(&table).unwrap_or_else(|_| "{}".to_string())
+        serde_json::json!({"default_tier": self.default_tier, "tiers": tiers})
+    }
+
+    pub fn to_json(&self) -> String {
+        self.to_value().to_string()
+    }
+
+    /// The tier table as the scripts take it: `{"free":{"hour":100,...}}`,
+    /// each tier as its JSON object. Built once per tiers version.
+    pub fn script_arg(&self) -> String {
+        let table: Map<String, Value> = self
+            .tiers
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_value()))
+            .collect();
+        Value::Object(table).to_string()
     }
 }
+
+/// A named admin token. The name is what the audit log records as the
+/// actor when a request carries no `X-Admin-Actor` header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminToken {
+    pub name: String,
+    pub token: Secret,
+}
+
+/// Name of the token given with `--admin-token`/`--admin-token-file`.
+pub const SINGLE_TOKEN_NAME: &str = "admin";
+
+pub const DEFAULT_TIERS_REFRESH_MS: u64 = 200;
+pub const DEFAULT_AUDIT_RETENTION_DAYS: u64 = 90;
+pub const DEFAULT_USAGE_RETENTION_DAYS: u64 = 90;
+pub const DEFAULT_METRICS_TOP_TENANTS: usize = 20;
 
 /// Everything `run` needs, validated.
 #[derive(Clone)]
 pub struct ServeConfig {
     pub redis_url: String,
+    /// The seed: written to Redis only when Redis holds no tiers yet, and
+    /// used until the tiers have been read from Redis.
     pub tiers: Tiers,
-    pub admin_token: Option<Secret>,
+    pub admin_tokens: Vec<AdminToken>,
     pub redis_timeout: Duration,
     pub enable_test_clock: bool,
+    /// How often every replica polls the tiers version in Redis.
+    pub tiers_refresh: Duration,
+    pub audit_retention: Duration,
+    pub usage_retention_days: u64,
+    /// Tenants shown by name in the utilisation metric; the rest are `other`.
+    pub metrics_top_tenants: usize,
+}
+
+impl ServeConfig {
+    /// A config with the defaults of every optional setting.
+    pub fn new(redis_url: impl Into<String>, tiers: Tiers) -> ServeConfig {
+        ServeConfig {
+            redis_url: redis_url.into(),
+            tiers,
+            admin_tokens: Vec::new(),
+            redis_timeout: Duration::from_millis(250),
+            enable_test_clock: false,
+            tiers_refresh: Duration::from_millis(DEFAULT_TIERS_REFRESH_MS),
+            audit_retention: Duration::from_secs(DEFAULT_AUDIT_RETENTION_DAYS * 86_400),
+            usage_retention_days: DEFAULT_USAGE_RETENTION_DAYS,
+            metrics_top_tenants: DEFAULT_METRICS_TOP_TENANTS,
+        }
+    }
+
+    pub fn admin_enabled(&self) -> bool {
+        !self.admin_tokens.is_empty()
+    }
 }
 
 /// Raw settings as the binary parsed them (flags or env), before validation.
@@ -315,20 +511,31 @@ pub struct ServeOptions {
     pub tiers_file: Option<PathBuf>,
     pub admin_token: Option<Secret>,
     pub admin_token_file: Option<PathBuf>,
+    pub admin_tokens_file: Option<PathBuf>,
     pub default_tier: Option<String>,
     pub redis_timeout_ms: u64,
     pub enable_test_clock: bool,
+    /// 0 = the default.
+    pub tiers_refresh_ms: u64,
+    pub audit_retention_days: u64,
+    pub usage_retention_days: u64,
+    pub metrics_top_tenants: usize,
 }
 
 // Hand-written so a password inside the Redis URL never reaches a log line.
 impl fmt::Debug for ServeConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.admin_tokens.iter().map(|t| t.name.as_str()).collect();
         f.debug_struct("ServeConfig")
             .field("redis_url", &redact_url(&self.redis_url))
             .field("tiers", &self.tiers)
-            .field("admin_token", &self.admin_token)
+            .field("admin_tokens", &names)
             .field("redis_timeout", &self.redis_timeout)
             .field("enable_test_clock", &self.enable_test_clock)
+            .field("tiers_refresh", &self.tiers_refresh)
+            .field("audit_retention", &self.audit_retention)
+            .field("usage_retention_days", &self.usage_retention_days)
+            .field("metrics_top_tenants", &self.metrics_top_tenants)
             .finish()
     }
 }
@@ -340,11 +547,60 @@ impl fmt::Debug for ServeOptions {
             .field("tiers_file", &self.tiers_file)
             .field("admin_token", &self.admin_token)
             .field("admin_token_file", &self.admin_token_file)
+            .field("admin_tokens_file", &self.admin_tokens_file)
             .field("default_tier", &self.default_tier)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("enable_test_clock", &self.enable_test_clock)
-            .finish()
+            .finish_non_exhaustive()
     }
+}
+
+fn check_token(what: &str, t: &str) -> Result<(), ConfigError> {
+    if t.is_empty() {
+        return Err(err(format!("{what}: must not be empty")));
+    }
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(format!(
+            "{what}: only printable ASCII without spaces is allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a tokens file: one `name:token` per line; blank lines and lines
+/// starting with `#` are ignored. Names follow the policy-name rules.
+pub fn parse_tokens_file(text: &str) -> Result<Vec<AdminToken>, ConfigError> {
+    let mut out: Vec<AdminToken> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = format!("admin-tokens-file line {}", i + 1);
+        let Some((name, token)) = line.split_once(':') else {
+            return Err(err(format!("{at}: expected name:token")));
+        };
+        if !sluice_wire::is_valid_policy_name(name) {
+            return Err(err(format!(
+                "{at}: token names are 1..=64 bytes of A-Z a-z 0-9 . _ -"
+            )));
+        }
+        check_token(&at, token)?;
+        if out.iter().any(|t| t.name == name) {
+            return Err(err(format!("{at}: duplicate token name {name:?}")));
+        }
+        if out.iter().any(|t| t.token.expose() == token) {
+            return Err(err(format!("{at}: the same token is given twice")));
+        }
+        out.push(AdminToken {
+            name: name.to_string(),
+            token: Secret::new(token),
+        });
+    }
+    if out.is_empty() {
+        return Err(err("admin-tokens-file: no name:token line"));
+    }
+    Ok(out)
 }
 
 impl ServeOptions {
@@ -361,7 +617,7 @@ impl ServeOptions {
             Some(path) => Tiers::from_file(path, default_tier)?,
             None => Tiers::builtin(default_tier)?,
         };
-        let admin_token = match (&self.admin_token, &self.admin_token_file) {
+        let single = match (&self.admin_token, &self.admin_token_file) {
             (Some(_), Some(_)) => {
                 return Err(err(
                     "admin-token and admin-token-file are mutually exclusive",
@@ -376,23 +632,67 @@ impl ServeOptions {
             }
             (None, None) => None,
         };
-        if let Some(token) = &admin_token {
-            let t = token.expose();
-            if t.is_empty() {
-                return Err(err("admin token: must not be empty"));
+        let mut admin_tokens = Vec::new();
+        if let Some(token) = single {
+            check_token("admin token", token.expose())?;
+            admin_tokens.push(AdminToken {
+                name: SINGLE_TOKEN_NAME.to_string(),
+                token,
+            });
+        }
+        if let Some(path) = &self.admin_tokens_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(format!("admin-tokens-file {}: {e}", path.display())))?;
+            for t in parse_tokens_file(&text)? {
+                if admin_tokens.iter().any(|o| o.name == t.name) {
+                    return Err(err(format!(
+                        "admin-tokens-file: the name {:?} is taken by --admin-token",
+                        t.name
+                    )));
+                }
+                if admin_tokens.iter().any(|o| o.token == t.token) {
+                    return Err(err(
+                        "admin-tokens-file: a token equals the --admin-token token",
+                    ));
+                }
+                admin_tokens.push(t);
             }
-            if !t.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(err(
-                    "admin token: only printable ASCII without spaces is allowed",
-                ));
+        }
+        let or = |v: u64, d: u64| if v == 0 { d } else { v };
+        let tiers_refresh_ms = or(self.tiers_refresh_ms, DEFAULT_TIERS_REFRESH_MS);
+        if !(10..=1_000).contains(&tiers_refresh_ms) {
+            return Err(err(
+                "tiers-refresh-ms: must be between 10 and 1000 (changes must reach every replica within 1 s)",
+            ));
+        }
+        let audit_days = or(self.audit_retention_days, DEFAULT_AUDIT_RETENTION_DAYS);
+        let usage_days = or(self.usage_retention_days, DEFAULT_USAGE_RETENTION_DAYS);
+        for (what, days) in [
+            ("audit-retention-days", audit_days),
+            ("usage-retention-days", usage_days),
+        ] {
+            if days > 3_660 {
+                return Err(err(format!("{what}: must be between 1 and 3660")));
             }
+        }
+        let top = if self.metrics_top_tenants == 0 {
+            DEFAULT_METRICS_TOP_TENANTS
+        } else {
+            self.metrics_top_tenants
+        };
+        if top > 1_000 {
+            return Err(err("metrics-top-tenants: must be between 1 and 1000"));
         }
         Ok(ServeConfig {
             redis_url: self.redis_url.clone(),
             tiers,
-            admin_token,
+            admin_tokens,
             redis_timeout: Duration::from_millis(self.redis_timeout_ms),
             enable_test_clock: self.enable_test_clock,
+            tiers_refresh: Duration::from_millis(tiers_refresh_ms),
+            audit_retention: Duration::from_secs(audit_days * 86_400),
+            usage_retention_days: usage_days,
+            metrics_top_tenants: top,
         })
     }
 }
@@ -409,12 +709,13 @@ impl ServeConfig {
             "redis-timeout-ms: {}\n",
             self.redis_timeout.as_millis()
         ));
+        let names: Vec<&str> = self.admin_tokens.iter().map(|t| t.name.as_str()).collect();
         out.push_str(&format!(
             "admin API:        {}\n",
-            if self.admin_token.is_some() {
-                "enabled (token set)"
+            if self.admin_enabled() {
+                format!("enabled (tokens: {})", names.join(", "))
             } else {
-                "disabled (no token)"
+                "disabled (no token)".to_string()
             }
         ));
         out.push_str(&format!(
@@ -426,17 +727,29 @@ impl ServeConfig {
             }
         ));
         out.push_str(&format!(
-            "default tier:     {}\n",
+            "tiers refresh:    every {} ms\n",
+            self.tiers_refresh.as_millis()
+        ));
+        out.push_str(&format!(
+            "audit retention:  {} days\n",
+            self.audit_retention.as_secs() / 86_400
+        ));
+        out.push_str(&format!(
+            "usage retention:  {} days\n",
+            self.usage_retention_days
+        ));
+        out.push_str(&format!(
+            "default tier:     {} (seed; Redis wins once it holds tiers)\n",
             self.tiers.default_tier()
         ));
-        out.push_str("tiers:            name: hour / day / month\n");
+        out.push_str("tiers (seed):     name: hour / day / month\n");
         for (name, l) in self.tiers.iter() {
             let show = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
             out.push_str(&format!(
                 "  {name}: {} / {} / {}\n",
-                show(l.hour),
-                show(l.day),
-                show(l.month)
+                show(l.get("hour")),
+                show(l.get("day")),
+                show(l.get("month"))
             ));
         }
         out
@@ -481,17 +794,16 @@ mod tests {
         assert_eq!(t.default_tier(), "free");
         let free = t.get("free").unwrap();
         assert_eq!(
-            (free.hour, free.day, free.month),
+            (free.get("hour"), free.get("day"), free.get("month")),
             (Some(100), Some(1000), Some(20000))
         );
         assert_eq!(
-            t.get("enterprise").unwrap().storage_bytes,
+            t.get("enterprise").unwrap().get("storage_bytes"),
             Some(500_000_000_000)
         );
-        assert_eq!(
-            t.script_arg(),
-            r#"{"enterprise":[10000,100000,2000000,-1,50000000,500000000000],"free":[100,1000,20000,-1,500000,5000000000],"pro":[1000,10000,200000,-1,5000000,50000000000]}"#
-        );
+        let arg: Value = serde_json::from_str(&t.script_arg()).unwrap();
+        assert_eq!(arg["pro"]["hour"], 1000);
+        assert_eq!(arg["free"]["month"], 20000);
     }
 
     #[test]
@@ -511,7 +823,7 @@ mod tests {
         let e = Tiers::from_json(r#"{"tiers":{"gold":{"hour":5}}}"#, None).unwrap_err();
         assert!(e.0.contains("default_tier"), "{e}");
         let ok = Tiers::from_json(r#"{"tiers":{"gold":{"hour":5}}}"#, Some("gold")).unwrap();
-        assert_eq!(ok.script_arg(), r#"{"gold":[5,-1,-1,-1,-1,-1]}"#);
+        assert_eq!(ok.script_arg(), r#"{"gold":{"hour":5}}"#);
     }
 
     #[test]
@@ -552,5 +864,42 @@ mod tests {
         );
         assert_eq!(redact_url("redis://:p@h:1"), "redis://:[redacted]@h:1");
         assert_eq!(redact_url("redis://h:1/"), "redis://h:1/");
+    }
+
+    #[test]
+    fn tier_edits_keep_the_default_and_refuse_to_drop_it() {
+        let t = Tiers::builtin(None).unwrap();
+        let gold = Tier::from_value("gold", &serde_json::json!({"hour": 5, "reserved_pool": "gold-pool"})).unwrap();
+        let t2 = t.with_tier("gold", gold.clone()).unwrap();
+        assert_eq!(t2.get("gold"), Some(&gold));
+        assert!(t2.without_tier("free").unwrap_err().0.contains("default tier"));
+        let t3 = t2.with_default("gold").unwrap().without_tier("free").unwrap();
+        assert_eq!(t3.default_tier(), "gold");
+        let back = Tiers::from_json(&t3.to_json(), None).unwrap();
+        assert_eq!(back, t3);
+    }
+
+    #[test]
+    fn tier_fields_are_checked_against_the_limit_list() {
+        for (bad, needle) in [
+            (serde_json::json!({"hour": 1, "cost_weight": 0}), "tiers.x.cost_weight"),
+            (serde_json::json!({"hour": 1, "weekly": 3}), "tiers.x.weekly"),
+            (serde_json::json!({"hour": -1}), "tiers.x.hour"),
+            (serde_json::json!({"hour": 1, "reserved_pool": "a b"}), "tiers.x.reserved_pool"),
+        ] {
+            let e = Tier::from_value("tiers.x", &bad).unwrap_err();
+            assert!(e.0.starts_with(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn tokens_files_name_their_tokens_and_reject_bad_lines() {
+        let t = parse_tokens_file("# ops team\nalice:tok-a\n\nci-bot:tok-b\n").unwrap();
+        assert_eq!(t.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["alice", "ci-bot"]);
+        assert!(parse_tokens_file("alice tok").is_err());
+        assert!(parse_tokens_file("alice:a\nalice:b").is_err());
+        assert!(parse_tokens_file("a:x\nb:x").is_err());
+        assert!(parse_tokens_file("a b:x").is_err());
+        assert!(parse_tokens_file("").is_err());
     }
 }

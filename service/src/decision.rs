@@ -27,6 +27,7 @@ pub struct ValidCheck {
     pub route_limits: Vec<RouteLimit>,
     pub tokens: u64,
     pub upload: bool,
+    pub shadow: bool,
 }
 
 pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
@@ -92,6 +93,7 @@ pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
         route_limits: req.route_limits,
         tokens: req.tokens,
         upload: req.upload,
+        shadow: req.shadow,
     })
 }
 
@@ -169,6 +171,14 @@ pub struct ScriptDecision {
     /// Storage (used, limit, exceeded) when the check was an upload and the
     /// tenant has a storage quota.
     pub storage: Option<StorageState>,
+    /// The tenant or the route is in shadow mode.
+    pub shadow: bool,
+    /// The tenant's reserved pool, if any.
+    pub pool: Option<String>,
+    /// Day id (`YYYYMMDD`) of the decision, from Redis TIME.
+    pub day: String,
+    /// Units charged: the request's cost times the tenant's cost weight.
+    pub cost: u64,
 }
 
 /// Builds the wire answer. `tokens` is the request's token estimate (what
@@ -209,6 +219,8 @@ pub fn respond(decision: ScriptDecision, tokens: u64, policy: Option<&str>) -> C
             .filter(|_| decision.allowed)
             .map(|id| Reservation { id, tokens }),
         storage: decision.storage,
+        shadow: decision.shadow,
+        reserved_pool: decision.pool,
     }
 }
 
@@ -246,6 +258,7 @@ mod tests {
             route_limits: vec![],
             tokens: 0,
             upload: false,
+            shadow: false,
         }
     }
 
@@ -269,6 +282,10 @@ mod tests {
             rows,
             reservation: None,
             storage: None,
+            shadow: false,
+            pool: None,
+            day: "20310312".into(),
+            cost: 1,
         }
     }
 

@@ -3,8 +3,9 @@
 //! axum's own plain-text rejections never reach a client: bodies are parsed
 //! by [`ApiJson`], unknown routes and methods have JSON fallbacks.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -14,12 +15,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use sluice_wire::{CheckRequest, CheckResponse, ErrorBody, UsageAnswer, UsageReport};
+use sluice_wire::{CheckRequest, CheckResponse, ErrorBody, ReportRequest, UsageAnswer, UsageReport};
 
 use crate::config::ServeConfig;
 use crate::decision::{self, Invalid};
-use crate::metrics::Metrics;
+use crate::metrics::{self as m, Metrics};
 use crate::store::{Store, StoreError};
+use crate::tiers::TiersCache;
 
 /// Largest request body accepted; a check is well under 2 KiB.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -31,18 +33,63 @@ pub struct AppState {
     pub config: ServeConfig,
     /// Test clock offset in ms (only non-zero with `--enable-test-clock`).
     pub clock_offset_ms: AtomicI64,
+    /// The tiers this replica enforces (see [`crate::tiers`]).
+    pub tiers: TiersCache,
+    /// (day, tenant) pairs this replica has already put in the day's usage
+    /// index, so the index costs one write per tenant, day and replica.
+    indexed: Mutex<(String, HashSet<String>)>,
     redis_log: LogThrottle,
 }
 
+/// Most tenants one replica remembers as indexed for the day; past it the
+/// memory is cleared (re-adding to a set is harmless).
+const INDEXED_CAP: usize = 200_000;
+
 impl AppState {
     pub fn new(store: Store, metrics: Metrics, config: ServeConfig) -> AppState {
+        let tiers = TiersCache::new(config.tiers.clone());
         AppState {
             store,
             metrics,
             config,
             clock_offset_ms: AtomicI64::new(0),
+            tiers,
+            indexed: Mutex::new((String::new(), HashSet::new())),
             redis_log: LogThrottle::default(),
         }
+    }
+
+    /// Seconds a daily rollup (and the day's index) outlives its day.
+    pub fn usage_ttl_s(&self) -> u64 {
+        self.config.usage_retention_days.saturating_mul(86_400)
+    }
+
+    /// Adds the tenant to `day`'s usage index unless this replica already
+    /// did; off the request path (a spawned write).
+    pub fn index_usage(self: &Arc<Self>, day: &str, tenant: &str) {
+        {
+            let Ok(mut g) = self.indexed.lock() else { return };
+            if g.0 != day {
+                *g = (day.to_string(), HashSet::new());
+            }
+            if g.1.len() >= INDEXED_CAP {
+                g.1.clear();
+            }
+            if !g.1.insert(tenant.to_string()) {
+                return;
+            }
+        }
+        let state = Arc::clone(self);
+        let (day, tenant) = (day.to_string(), tenant.to_string());
+        tokio::spawn(async move {
+            let ttl = state.usage_ttl_s().saturating_add(86_400);
+            if let Err(e) = state.store.usage_index_add(&day, &tenant, ttl).await {
+                state.redis_failed("index", &e);
+                if let Ok(mut g) = state.indexed.lock() {
+                    g.1.remove(&tenant);
+                }
+            }
+        });
     }
 
     pub fn offset_ms(&self) -> i64 {
@@ -198,6 +245,7 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route(sluice_wire::CHECK_PATH, post(check))
         .route(sluice_wire::USAGE_PATH, post(usage))
+        .route(sluice_wire::REPORT_PATH, post(report))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -222,9 +270,30 @@ async fn check(
             return Err(e);
         }
     };
-    match state.store.check(&valid, state.offset_ms()).await {
+    let tiers = state.tiers.get();
+    let offset = state.offset_ms();
+    match state
+        .store
+        .check(&valid, offset, &tiers, state.usage_ttl_s())
+        .await
+    {
         Ok(d) => {
+            let day = d.day.clone();
             let resp = decision::respond(d, valid.tokens, valid.policy.as_deref());
+            state.index_usage(&day, &valid.tenant);
+            state.metrics.utilisation(&valid.tenant, &resp.windows, offset);
+            if resp.shadow {
+                state.metrics.shadow(resp.allowed);
+            } else if !resp.allowed {
+                if let Some(w) = resp.windows.get(resp.binding) {
+                    let route = w.name != w.window.as_str();
+                    let reason = format!("{}{}", if route { "route_" } else { "" }, w.window.as_str());
+                    state.metrics.rejection(&reason);
+                }
+            }
+            if resp.allowed && resp.reserved_pool.is_some() {
+                state.metrics.reserved();
+            }
             state
                 .metrics
                 .check(if resp.allowed { "allowed" } else { "denied" }, elapsed());
@@ -270,21 +339,84 @@ async fn usage(
     }
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
-}
+/// Longest latency a report may carry (one hour); more is a broken clock.
+pub const MAX_REPORT_LATENCY_MS: u64 = 3_600_000;
 
-async fn readyz(State(state): State<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
-    match state.store.ping().await {
-        Ok(()) => Ok(Json(serde_json::json!({"status": "ready"}))),
+/// `POST /v1/report`: the filter's upstream latency of one admitted request,
+/// added to the tenant's daily rollup. 204 on success.
+async fn report(
+    State(state): State<Shared>,
+    ApiJson(req): ApiJson<ReportRequest>,
+) -> Result<StatusCode, ApiError> {
+    if !sluice_wire::is_valid_tenant(req.tenant.as_bytes()) {
+        return Err(ApiError::invalid_tenant(
+            "tenant must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @",
+        ));
+    }
+    if req.upstream_latency_ms > MAX_REPORT_LATENCY_MS {
+        return Err(ApiError::invalid_request(format!(
+            "upstream_latency_ms: must be at most {MAX_REPORT_LATENCY_MS}"
+        )));
+    }
+    let bucket = m::latency_bucket(req.upstream_latency_ms);
+    match state
+        .store
+        .report(
+            &req.tenant,
+            state.offset_ms(),
+            state.usage_ttl_s(),
+            bucket,
+            req.upstream_latency_ms,
+        )
+        .await
+    {
+        Ok(day) => {
+            state.metrics.latency_report();
+            state.index_usage(&day, &req.tenant);
+            Ok(StatusCode::NO_CONTENT)
+        }
         Err(e) => {
-            state.redis_failed("ping", &e);
+            state.redis_failed("report", &e);
             Err(ApiError::redis_unavailable(&e))
         }
     }
 }
 
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when Redis answers and the tiers have been read from Redis (a
+/// replica that only knows its seed might enforce stale tiers).
+async fn readyz(State(state): State<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+    if let Err(e) = state.store.ping().await {
+        state.redis_failed("ping", &e);
+        return Err(ApiError::redis_unavailable(&e));
+    }
+    if !state.tiers.get().from_redis() {
+        if let Err(e) = crate::tiers::refresh_once(&state).await {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "tiers_unavailable",
+                format!("the tiers could not be read from Redis yet: {e}"),
+            ));
+        }
+    }
+    let version = state.tiers.get().version;
+    Ok(Json(
+        serde_json::json!({"status": "ready", "tiers_version": version}),
+    ))
+}
+
 async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
+    let memory = match state.store.memory().await {
+        Ok(m) => Some(m),
+        Err(e) => {
+            state.redis_failed("info", &e);
+            None
+        }
+    };
+    state.metrics.redis_memory(memory);
     (
         [(
             header::CONTENT_TYPE,

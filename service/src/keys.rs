@@ -13,6 +13,11 @@
 
 use sluice_wire::Window;
 
+/// Hash tag of the few keys that belong to no tenant (tiers, audit log,
+/// usage index). They never appear in a tenant's script: the check script
+/// gets the tiers in ARGV, so it stays inside one tenant slot.
+pub const GLOBAL_TAG: &str = "{g}";
+
 /// Common prefix of every Sluice key (used by tests and tooling to scan).
 pub const PREFIX: &str = "sluice:";
 
@@ -21,7 +26,9 @@ pub fn tenant_tag(tenant: &str) -> String {
     format!("{{t:{tenant}}}")
 }
 
-/// `sluice:{t:<tenant>}:cfg`, the hash holding `tier`, `hour`, `day`, `month`.
+/// `sluice:{t:<tenant>}:cfg`, the tenant's settings hash: `tier`, custom
+/// limits by limit name, overrides `o:<limit>` = `<value>:<until_ms>`,
+/// `shadow` and `pool`. No expiry: owned by the admin API.
 pub fn cfg(tenant: &str) -> String {
     format!("{PREFIX}{}:cfg", tenant_tag(tenant))
 }
@@ -88,6 +95,36 @@ pub fn route_counter(tenant: &str, policy: &str, window: Window, window_id: &str
     )
 }
 
+/// `sluice:{g}:tiers`, a hash: `doc` (the tiers JSON document) and
+/// `version` (incremented by every change). No expiry: owned by the admin
+/// API and the seed at start-up.
+pub fn tiers() -> String {
+    format!("{PREFIX}{GLOBAL_TAG}:tiers")
+}
+
+/// `sluice:{g}:audit`, the audit log stream. Trimmed by MINID (retention) on
+/// every write and expiring a retention period after the last write.
+pub fn audit() -> String {
+    format!("{PREFIX}{GLOBAL_TAG}:audit")
+}
+
+/// `sluice:{g}:u:idx:<YYYYMMDD>`, the set of tenants with usage that day.
+/// Expires with the usage retention.
+pub fn usage_index(day: &str) -> String {
+    format!("{PREFIX}{GLOBAL_TAG}:u:idx:{day}")
+}
+
+/// `sluice:{t:<tenant>}:u:`; the scripts append `<YYYYMMDD>`: the tenant's
+/// daily usage rollup hash, expiring with the usage retention.
+pub fn usage_prefix(tenant: &str) -> String {
+    format!("{PREFIX}{}:u:", tenant_tag(tenant))
+}
+
+/// Full daily rollup key, e.g. `sluice:{t:acme}:u:20250131`.
+pub fn usage_day(tenant: &str, day: &str) -> String {
+    format!("{}{day}", usage_prefix(tenant))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,7 +140,12 @@ mod tests {
             route_counter("acme", "llm", Window::Month, "202501"),
             "sluice:{t:acme}:r:llm:month:202501"
         );
+        assert_eq!(usage_day("acme", "20250131"), "sluice:{t:acme}:u:20250131");
+        for key in [tiers(), audit(), usage_index("20250131")] {
+            assert!(key.contains("{g}"), "{key}");
+        }
         for key in [
+            usage_prefix("a@b"),
             cfg("a@b"),
             tier_counter_prefix("a@b"),
             route_counter_prefix("a@b", "p"),

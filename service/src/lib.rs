@@ -8,6 +8,12 @@
 //! - [`decision`]: pure logic: request validation, binding window,
 //!   retry-after. No I/O.
 //! - [`store`]: the Redis adapter (timeouts, reconnects, EVALSHA).
+//! - [`tiers`]: the tiers every replica enforces, seeded into and followed
+//!   from Redis (poll + Arc swap).
+//! - [`audit`]: audit entries (who, what, old, new, when, why) and filters.
+//! - [`usage`]: daily usage rollups and their JSON/CSV export.
+//! - [`timefmt`]: RFC 3339 instants and `YYYY-MM-DD` days.
+//! - [`cli`]: `sluice admin ...`, the CLI over the admin API.
 //! - [`http`]: the router, `/v1/check`, health, metrics, JSON errors.
 //! - [`admin`]: the bearer-token admin API under `/v1/admin`.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
@@ -17,6 +23,8 @@
 //! [`demo::run_demo_upstream`]; tests call them directly on port 0.
 
 pub mod admin;
+pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod demo;
@@ -25,6 +33,9 @@ pub mod keys;
 pub mod metrics;
 pub mod scripts;
 pub mod store;
+pub mod tiers;
+pub mod timefmt;
+pub mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -55,10 +66,19 @@ impl std::fmt::Display for RunError {
 impl std::error::Error for RunError {}
 
 /// The service's router over a lazily connected Redis, for embedding and tests.
+/// Inside a tokio runtime it also starts the tiers refresher, which stops
+/// when the last handle to the state is dropped.
 pub fn app(config: ServeConfig) -> Result<(axum::Router, http::Shared), RunError> {
-    let store = store::Store::new(&config).map_err(RunError::Store)?;
-    let metrics = metrics::Metrics::new().map_err(RunError::Metrics)?;
+    let metrics = metrics::Metrics::with_top_n(config.metrics_top_tenants)
+        .map_err(RunError::Metrics)?;
+    let store = store::Store::new(&config)
+        .map_err(RunError::Store)?
+        .with_latency_histogram(metrics.redis_histogram());
+    let refresh = config.tiers_refresh;
     let state: http::Shared = Arc::new(http::AppState::new(store, metrics, config));
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(tiers::refresh_loop(Arc::downgrade(&state), refresh));
+    }
     Ok((http::router(state.clone()), state))
 }
 

@@ -26,6 +26,9 @@ enum Command {
     Serve(ServeArgs),
     /// Run the OpenAI-compatible demo upstream used by `make run` and the tests.
     DemoUpstream(DemoArgs),
+    /// Operate a running service through its admin API (tiers, limits,
+    /// overrides, modes, audit, usage).
+    Admin(sluice_service::cli::AdminArgs),
 }
 
 #[derive(Args)]
@@ -55,6 +58,22 @@ struct ServeArgs {
     /// File holding the admin token (a trailing newline is ignored).
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// File of named admin tokens, one `name:token` per line (the name is
+    /// the audit log's actor unless X-Admin-Actor says otherwise).
+    #[arg(long, env = "SLUICE_ADMIN_TOKENS_FILE")]
+    admin_tokens_file: Option<PathBuf>,
+    /// How often each replica polls Redis for tier changes, in ms (10..=1000).
+    #[arg(long, env = "SLUICE_TIERS_REFRESH_MS", default_value_t = 200)]
+    tiers_refresh_ms: u64,
+    /// Days audit entries are kept.
+    #[arg(long, env = "SLUICE_AUDIT_RETENTION_DAYS", default_value_t = 90)]
+    audit_retention_days: u64,
+    /// Days daily usage rollups are kept.
+    #[arg(long, env = "SLUICE_USAGE_RETENTION_DAYS", default_value_t = 90)]
+    usage_retention_days: u64,
+    /// Tenants shown by name in the utilisation metric (the rest are `other`).
+    #[arg(long, env = "SLUICE_METRICS_TOP_TENANTS", default_value_t = 20)]
+    metrics_top_tenants: usize,
     /// Tier of tenants without one [default: the tiers file's, else free].
     #[arg(long, env = "SLUICE_DEFAULT_TIER")]
     default_tier: Option<String>,
@@ -123,6 +142,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Admin(args) => sluice_service::cli::run(args).await,
         Command::DemoUpstream(args) => {
             init_logging();
             let listener = match tokio::net::TcpListener::bind(args.listen).await {
@@ -184,9 +204,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
         tiers_file: args.tiers,
         admin_token: args.admin_token.map(Secret::new),
         admin_token_file: args.admin_token_file,
+        admin_tokens_file: args.admin_tokens_file,
         default_tier: args.default_tier,
         redis_timeout_ms: args.redis_timeout_ms,
         enable_test_clock: args.enable_test_clock,
+        tiers_refresh_ms: args.tiers_refresh_ms,
+        audit_retention_days: args.audit_retention_days,
+        usage_retention_days: args.usage_retention_days,
+        metrics_top_tenants: args.metrics_top_tenants,
     };
     let config = match options.compile() {
         Ok(c) => c,

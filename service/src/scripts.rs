@@ -1,6 +1,6 @@
 //! Every Lua script Sluice runs in Redis, in this one file.
 //!
-//! Every script starts with the same helper text ([`lua_prelude!`]), so the
+//! Both scripts start with the same helper text ([`lua_prelude!`]), so the
 //! admin view computes window ids and resets exactly as the decision does.
 //!
 //! Time comes from Redis `TIME` (one clock for every service replica) plus a
@@ -78,29 +78,84 @@ local function reset_in(reset, ms)
   return r
 end
 
--- Every limit, in the order of the tiers table and of config::LimitField.
-local LIMITS = {'hour', 'day', 'month', 'tokens_hour', 'tokens_month', 'storage_bytes'}
--- Token windows: name, calendar window, index into LIMITS.
-local TOKEN_WINDOWS = {{name = 'tokens_hour', window = 'hour', idx = 4},
-  {name = 'tokens_month', window = 'month', idx = 5}}
+-- A tenant's cfg hash as a table (field -> string).
+local function read_cfg(cfg_key)
+  local flat = redis.call('HGETALL', cfg_key)
+  local cfg = {}
+  for i = 1, #flat, 2 do cfg[flat[i]] = flat[i + 1] end
+  return cfg
+end
 
--- The tenant's effective tier and limits (-1 = not enforced), LIMITS order.
--- A custom limit in the cfg hash overrides the tier for its field; a tier
--- name the config no longer knows falls back to the default tier.
-local function resolve_limits(cfg_key, tiers_json, default_tier)
-  local cfg = redis.call('HMGET', cfg_key, 'tier', unpack(LIMITS))
-  local tiers = cjson.decode(tiers_json)
-  local tier = cfg[1]
+-- The tenant's tier name and definition; a tier name the tiers no longer
+-- know (a deleted tier) falls back to the default tier.
+local function pick_tier(cfg, tiers, default_tier)
+  local tier = cfg['tier']
   if not tier or tiers[tier] == nil then tier = default_tier end
-  local tier_limits = tiers[tier]
-  local limits, custom = {}, {}
-  for i = 1, #LIMITS do
-    local c = -1
-    if cfg[i + 1] then c = tonumber(cfg[i + 1]) or -1 end
-    custom[i] = c
-    if c >= 0 then limits[i] = c else limits[i] = tier_limits[i] or -1 end
+  return tier, tiers[tier] or {}
+end
+
+-- An override `o:<name>` = '<value>:<until_ms>' that has not expired at ms.
+local function active_override(cfg, name, ms)
+  local o = cfg['o:' .. name]
+  if not o then return nil, 0 end
+  local v, u = string.match(o, '^(%d+):(%d+)$')
+  if v and tonumber(u) > ms then return tonumber(v), tonumber(u) end
+  return nil, 0
+end
+
+-- Effective value of limit `name`: an unexpired override, else the custom
+-- limit, else the tier's value, else nil (not enforced). Also says where it
+-- came from and, for an override, until when (ms).
+local function effective(cfg, tier_def, name, ms)
+  local ov, until_ms = active_override(cfg, name, ms)
+  if ov then return ov, 'override', until_ms end
+  local c = tonumber(cfg[name] or '')
+  if c then return c, 'custom', 0 end
+  local t = tier_def[name]
+  if type(t) == 'number' then return t, 'tier', 0 end
+  return nil, 'none', 0
+end
+
+-- The reserved pool of the tenant (its own, else its tier's), '' for none.
+local function pick_pool(cfg, tier_def)
+  if cfg['pool'] and cfg['pool'] ~= '' then return cfg['pool'] end
+  if type(tier_def['reserved_pool']) == 'string' then return tier_def['reserved_pool'] end
+  return ''
+end
+
+local function fmt_int(n) return string.format('%.0f', n) end
+
+-- Token windows: the limit's name and the calendar window it counts in.
+local TOKEN_WINDOWS = {{name = 'tokens_hour', window = 'hour'}, {name = 'tokens_month', window = 'month'}}
+"#
+    };
+}
+
+/// The audit-log helper, appended to the scripts that write audit entries.
+macro_rules! lua_audit {
+    () => {
+        r#"
+-- Appends one entry to the audit stream `key`: field `ts` (ms, the clock of
+-- the scripts) then the field/value pairs ARGV[from], ARGV[from+1], ...
+-- The entry id carries the same ms (so time-range reads are id ranges)
+-- unless the stream already holds a later id (the test clock went back),
+-- where Redis picks the next id. Then trims entries older than the
+-- retention and lets the whole stream expire a retention after the last write.
+local function audit_add(key, ms, retention_ms, from)
+  local fields = {'ts', fmt_int(ms)}
+  local i = from
+  while ARGV[i] do
+    table.insert(fields, ARGV[i])
+    table.insert(fields, ARGV[i + 1] or '')
+    i = i + 2
   end
-  return tier, limits, custom
+  local id = redis.pcall('XADD', key, fmt_int(ms) .. '-*', unpack(fields))
+  if type(id) == 'table' and id.err then
+    id = redis.call('XADD', key, '*', unpack(fields))
+  end
+  redis.call('XTRIM', key, 'MINID', fmt_int(ms - retention_ms))
+  redis.call('PEXPIRE', key, fmt_int(retention_ms))
+  return id
 end
 "#
     };
@@ -111,10 +166,10 @@ end
 /// ```text
 /// KEYS[1]  sluice:{t:<tenant>}:cfg
 /// ARGV[1]  test clock offset in ms (integer, usually 0)
-/// ARGV[2]  cost in units (1..=1e6), charged to tier and route windows
+/// ARGV[2]  cost in units (1..=1e6), before the tenant's cost weight;
+///          charged to tier and route windows
 /// ARGV[3]  default tier name
-/// ARGV[4]  tiers JSON {"<tier>":[hour,day,month,tokens_hour,tokens_month,storage_bytes]}
-///          (-1 = not enforced)
+/// ARGV[4]  tiers JSON {"<tier>":{"hour":N,...,"reserved_pool":"p"}}
 /// ARGV[5]  tier counter prefix   sluice:{t:<tenant>}:q:
 /// ARGV[6]  route counter prefix  sluice:{t:<tenant>}:r:<policy>: ("" if none)
 /// ARGV[7]  token estimate (0 = the request counts no tokens)
@@ -123,43 +178,59 @@ end
 /// ARGV[10] reservation sequence  sluice:{t:<tenant>}:resseq
 /// ARGV[11] storage key           sluice:{t:<tenant>}:storage ("" = not an upload)
 /// ARGV[12] reservation TTL in seconds
-/// ARGV[13..] route windows as pairs: window name, limit
+/// ARGV[13] usage rollup prefix   sluice:{t:<tenant>}:u:
+/// ARGV[14] usage retention in seconds (the rollup lives this long after its day)
+/// ARGV[15] 1 when the route is in shadow mode, else 0
+/// ARGV[16..] route windows as pairs: window name, limit
 /// returns  {allowed 0|1, tier, reservation id ("" = none),
 ///           storage used, storage limit (-1 = not checked), storage exceeded 0|1,
 ///           n, then n times:
 ///           window, kind (0 tier, 1 route, 2 tokens), limit, used, remaining,
-///           reset, reset_in, exceeded 0|1}
+///           reset, reset_in, exceeded 0|1,
+///           then shadow 0|1, reserved pool ('' for none), day id, cost charged}
 ///          tier windows first (hour, day, month), then route windows in
 ///          order, then token windows (hour, month).
 /// ```
-/// Counter and reservation keys are built from prefixes that carry KEYS[1]'s
-/// hash tag, so they are in its slot even though their ids come from `TIME`
-/// or the sequence.
+/// Counter, reservation and rollup keys are built from prefixes that carry
+/// KEYS[1]'s hash tag, so they are in its slot even though their ids come
+/// from `TIME` or the sequence.
+///
+/// Limits: an unexpired override (`o:<limit>` in cfg, its expiry compared
+/// with Redis TIME + offset, so an override reverts at its expiry without any
+/// job running), else a custom limit, else the tier's. The cost is
+/// multiplied by the effective `cost_weight` (default 1).
 ///
 /// Why atomic: Redis runs a script to completion before any other command, so
 /// reading every counter, deciding, and incrementing + expiring all of them
 /// is one step. Two replicas can never both admit the last unit or the last
 /// token (no read-then-write race: case H02), a rejected request increments
-/// nothing, no counter exists without its TTL (window end + 60 s), and a
-/// token reservation exists exactly when its tokens were counted.
+/// nothing, no counter exists without its TTL (window end + 60 s), a token
+/// reservation exists exactly when its tokens were counted, and the day's
+/// usage rollup agrees with the decisions exactly.
 pub const CHECK: &str = concat!(
     lua_prelude!(),
     r#"
 local ms = now_ms(tonumber(ARGV[1]))
-local cost = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[7])
-local tier, limits = resolve_limits(KEYS[1], ARGV[4], ARGV[3])
+local tiers = cjson.decode(ARGV[4])
+local cfg = read_cfg(KEYS[1])
+local tier, tier_def = pick_tier(cfg, tiers, ARGV[3])
 local w = windows_at(ms)
 local s = math.floor(ms / 1000)
 
+local weight = effective(cfg, tier_def, 'cost_weight', ms) or 1
+if weight < 1 then weight = 1 end
+local cost = tonumber(ARGV[2]) * weight
+
 local checks = {}
-for i, name in ipairs(WINDOWS) do
-  if limits[i] >= 0 then
+for _, name in ipairs(WINDOWS) do
+  local limit = effective(cfg, tier_def, name, ms)
+  if limit then
     table.insert(checks, {key = ARGV[5] .. name .. ':' .. w[name].id, name = name,
-      kind = 0, amount = cost, limit = limits[i], reset = w[name].reset})
+      kind = 0, amount = cost, limit = limit, reset = w[name].reset})
   end
 end
-local i = 13
+local i = 16
 while ARGV[i] do
   local name = ARGV[i]
   table.insert(checks, {key = ARGV[6] .. name .. ':' .. w[name].id, name = name,
@@ -169,10 +240,11 @@ end
 local token_windows = {}
 if tokens > 0 then
   for _, t in ipairs(TOKEN_WINDOWS) do
-    if limits[t.idx] >= 0 then
+    local limit = effective(cfg, tier_def, t.name, ms)
+    if limit then
       local c = {key = ARGV[8] .. t.window .. ':' .. w[t.window].id, name = t.window,
-        kind = 2, amount = tokens, limit = limits[t.idx], reset = w[t.window].reset,
-        id = w[t.window].id}
+        kind = 2, amount = tokens, limit = limit, reset = w[t.window].reset,
+        id = w[t.window].id, limit_name = t.name}
       table.insert(checks, c)
       table.insert(token_windows, c)
     end
@@ -181,8 +253,9 @@ end
 
 local allowed = 1
 local storage_used, storage_limit, storage_exceeded = 0, -1, 0
-if ARGV[11] ~= '' and limits[6] >= 0 then
-  storage_limit = limits[6]
+local storage_quota = effective(cfg, tier_def, 'storage_bytes', ms)
+if ARGV[11] ~= '' and storage_quota then
+  storage_limit = storage_quota
   storage_used = tonumber(redis.call('GET', ARGV[11]) or '0') or 0
   if storage_used >= storage_limit then
     storage_exceeded = 1
@@ -198,6 +271,7 @@ for _, c in ipairs(checks) do
   end
 end
 local rid = ''
+local day_key = ARGV[13] .. w.day.id
 if allowed == 1 then
   for _, c in ipairs(checks) do
     c.used = redis.call('INCRBY', c.key, c.amount)
@@ -208,15 +282,28 @@ if allowed == 1 then
     rid = tostring(redis.call('INCR', ARGV[10]))
     -- The sequence outlives every reservation it numbered.
     redis.call('EXPIRE', ARGV[10], ttl + 60)
-    local fields = {'tokens', tokens, 'state', 'reserved'}
+    local fields = {'tokens', tokens, 'state', 'reserved', 'u', day_key}
     for _, c in ipairs(token_windows) do
       table.insert(fields, 'w:' .. c.name)
       table.insert(fields, c.id .. ':' .. c.reset)
     end
     redis.call('HSET', ARGV[9] .. rid, unpack(fields))
     redis.call('EXPIRE', ARGV[9] .. rid, ttl)
+    redis.call('HINCRBY', day_key, 'tokens', tokens)
   end
 end
+
+local shadow = 0
+if cfg['shadow'] == '1' or ARGV[15] == '1' then shadow = 1 end
+if allowed == 1 then
+  redis.call('HINCRBY', day_key, 'admitted', 1)
+  redis.call('HINCRBY', day_key, 'cost', cost)
+elseif shadow == 1 then
+  redis.call('HINCRBY', day_key, 'shadow_denied', 1)
+else
+  redis.call('HINCRBY', day_key, 'denied', 1)
+end
+redis.call('EXPIRE', day_key, w.day.reset - s + tonumber(ARGV[14]))
 
 local out = {allowed, tier, rid, storage_used, storage_limit, storage_exceeded, #checks}
 for _, c in ipairs(checks) do
@@ -226,6 +313,9 @@ for _, c in ipairs(checks) do
       c.exceeded}) do
     table.insert(out, v)
   end
+end
+for _, v in ipairs({shadow, pick_pool(cfg, tier_def), w.day.id, cost}) do
+  table.insert(out, v)
 end
 return out
 "#
@@ -247,9 +337,10 @@ return out
 /// Only the difference moves: `charged - reserved` is added to every token
 /// window the reservation was counted in (the window ids stored in the
 /// reservation, not the current ones, so an hour that rolled over while the
-/// response streamed is still the one corrected). A refund never takes a
-/// counter below 0, and a window already over (reset + 60 s passed) is left
-/// alone.
+/// response streamed is still the one corrected), and to the `tokens` of the
+/// day's usage rollup the reservation was counted in (field `u`; left alone
+/// once that rollup has expired). A refund never takes a counter below 0,
+/// and a window already over (reset + 60 s passed) is left alone.
 ///
 /// Why atomic: reading the reservation's state, adjusting the counters and
 /// marking it settled is one step, so two deliveries of one report can not
@@ -289,6 +380,13 @@ for field, v in pairs(r) do
     end
   end
 end
+-- The rollup keeps its TTL: only touched while it exists.
+if r.u and delta ~= 0 and redis.call('EXISTS', r.u) == 1 then
+  local current = tonumber(redis.call('HGET', r.u, 'tokens') or '0') or 0
+  local change = delta
+  if change < -current then change = -current end
+  if change ~= 0 then redis.call('HINCRBY', r.u, 'tokens', change) end
+end
 redis.call('HSET', KEYS[1], 'state', 'settled', 'charged', charge)
 return {'settled', reserved, charge}
 "#
@@ -304,11 +402,14 @@ return {'settled', reserved, charge}
 /// ARGV[4]  tier counter prefix  sluice:{t:<tenant>}:q:
 /// ARGV[5]  token counter prefix sluice:{t:<tenant>}:k:
 /// ARGV[6]  storage key          sluice:{t:<tenant>}:storage
-/// returns  {tier, 6 custom limits (LIMITS order, -1 = none), storage used,
-///           storage limit (-1 = none), n,
-///           then n times: name, window, limit, current, reset, reset_in}
-///          for every enforced tier window (hour, day, month), then every
-///          enforced token window (tokens_hour, tokens_month).
+/// ARGV[7..] limit names (config::LIMITS)
+/// returns  {tier, stored tier ('' if none), shadow 0|1, reserved pool,
+///           storage used, n, then n times:
+///           name, effective (-1 = not enforced), source (tier|custom|override|none),
+///           override until ms (0), tier value (-1), custom value (-1),
+///           override value (-1; only an unexpired one), current (-1 unless a
+///           counted window: hour, day, month, tokens_hour, tokens_month),
+///           reset (0), reset_in (0)}
 /// ```
 /// Why atomic: the cfg and all counters are read at one instant, so the
 /// limits and usage shown belong together.
@@ -316,31 +417,183 @@ pub const STATUS: &str = concat!(
     lua_prelude!(),
     r#"
 local ms = now_ms(tonumber(ARGV[1]))
-local tier, limits, custom = resolve_limits(KEYS[1], ARGV[3], ARGV[2])
+local tiers = cjson.decode(ARGV[3])
+local cfg = read_cfg(KEYS[1])
+local tier, tier_def = pick_tier(cfg, tiers, ARGV[2])
 local w = windows_at(ms)
-local rows = {}
-local function row(name, window, limit, key)
-  local current = tonumber(redis.call('GET', key) or '0') or 0
-  for _, v in ipairs({name, window, limit, current, w[window].reset, reset_in(w[window].reset, ms)}) do
-    table.insert(rows, v)
-  end
-end
-for i, name in ipairs(WINDOWS) do
-  if limits[i] >= 0 then row(name, name, limits[i], ARGV[4] .. name .. ':' .. w[name].id) end
-end
-for _, t in ipairs(TOKEN_WINDOWS) do
-  if limits[t.idx] >= 0 then
-    row(t.name, t.window, limits[t.idx], ARGV[5] .. t.window .. ':' .. w[t.window].id)
-  end
-end
+local token_window = {}
+for _, t in ipairs(TOKEN_WINDOWS) do token_window[t.name] = t.window end
+local shadow = 0
+if cfg['shadow'] == '1' then shadow = 1 end
 local storage_used = tonumber(redis.call('GET', ARGV[6]) or '0') or 0
-local out = {tier}
-for i = 1, #LIMITS do table.insert(out, custom[i]) end
-table.insert(out, storage_used)
-table.insert(out, limits[6])
-table.insert(out, #rows / 6)
-for _, v in ipairs(rows) do table.insert(out, v) end
+local out = {tier, cfg['tier'] or '', shadow, pick_pool(cfg, tier_def), storage_used, 0}
+local n = 0
+local i = 7
+while ARGV[i] do
+  local name = ARGV[i]
+  local eff, source, until_ms = effective(cfg, tier_def, name, ms)
+  local tv = tier_def[name]
+  if type(tv) ~= 'number' then tv = -1 end
+  local cv = tonumber(cfg[name] or '') or -1
+  local ov = active_override(cfg, name, ms) or -1
+  local current, reset, rin = -1, 0, 0
+  local key, win = nil, nil
+  if w[name] then
+    key, win = ARGV[4] .. name .. ':' .. w[name].id, name
+  elseif token_window[name] then
+    win = token_window[name]
+    key = ARGV[5] .. win .. ':' .. w[win].id
+  end
+  if key and eff then
+    current = tonumber(redis.call('GET', key) or '0') or 0
+    reset, rin = w[win].reset, reset_in(w[win].reset, ms)
+  end
+  for _, v in ipairs({name, eff or -1, source, until_ms, tv, cv, ov, current, reset, rin}) do
+    table.insert(out, v)
+  end
+  n = n + 1
+  i = i + 1
+end
+out[6] = n
 return out
+"#
+);
+
+/// Applies an admin change to a tenant's cfg hash, after dropping overrides
+/// that have expired (the lazy clean-up: nothing has to run at the expiry,
+/// decisions already ignore them).
+///
+/// ```text
+/// KEYS[1]  sluice:{t:<tenant>}:cfg
+/// ARGV[1]  test clock offset in ms
+/// ARGV[2..] pairs: field, value ('' deletes the field)
+/// returns  number of fields the hash has afterwards
+/// ```
+/// Why atomic: a check never sees half of a change.
+pub const TENANT_UPDATE: &str = concat!(
+    lua_prelude!(),
+    r#"
+local ms = now_ms(tonumber(ARGV[1]))
+local cfg = read_cfg(KEYS[1])
+for field, value in pairs(cfg) do
+  if string.sub(field, 1, 2) == 'o:' then
+    local _, u = string.match(value, '^(%d+):(%d+)$')
+    if not u or tonumber(u) <= ms then redis.call('HDEL', KEYS[1], field) end
+  end
+end
+local i = 2
+while ARGV[i] do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+  i = i + 2
+end
+return redis.call('HLEN', KEYS[1])
+"#
+);
+
+/// Adds an upstream latency report to the tenant's daily rollup.
+///
+/// ```text
+/// KEYS[1]  sluice:{t:<tenant>}:cfg (the slot anchor; not read)
+/// ARGV[1]  test clock offset in ms
+/// ARGV[2]  usage rollup prefix sluice:{t:<tenant>}:u:
+/// ARGV[3]  usage retention in seconds
+/// ARGV[4]  latency histogram bucket index (metrics::LATENCY_BUCKETS_MS)
+/// ARGV[5]  latency in ms
+/// returns  the day id
+/// ```
+/// Why atomic: count, sum and bucket move together, so mean and p95 always
+/// describe the same set of reports.
+pub const REPORT: &str = concat!(
+    lua_prelude!(),
+    r#"
+local ms = now_ms(tonumber(ARGV[1]))
+local w = windows_at(ms)
+local key = ARGV[2] .. w.day.id
+redis.call('HINCRBY', key, 'lat_n', 1)
+redis.call('HINCRBY', key, 'lat_sum_ms', ARGV[5])
+redis.call('HINCRBY', key, 'lat_b' .. ARGV[4], 1)
+redis.call('EXPIRE', key, w.day.reset - math.floor(ms / 1000) + tonumber(ARGV[3]))
+return w.day.id
+"#
+);
+
+/// Appends one audit entry (the write-ahead entry of a tenant change).
+///
+/// ```text
+/// KEYS[1]  sluice:{g}:audit
+/// ARGV[1]  test clock offset in ms
+/// ARGV[2]  retention in ms
+/// ARGV[3..] field/value pairs of the entry
+/// returns  the entry id
+/// ```
+pub const AUDIT_APPEND: &str = concat!(
+    lua_prelude!(),
+    lua_audit!(),
+    r#"
+local ms = now_ms(tonumber(ARGV[1]))
+return audit_add(KEYS[1], ms, tonumber(ARGV[2]), 3)
+"#
+);
+
+/// Seeds the tiers when Redis has none, and returns what Redis has.
+///
+/// ```text
+/// KEYS[1]  sluice:{g}:tiers   KEYS[2]  sluice:{g}:audit
+/// ARGV[1]  the seed document (JSON)
+/// ARGV[2]  test clock offset in ms   ARGV[3]  audit retention in ms
+/// ARGV[4..] field/value pairs of the audit entry written when seeding
+/// returns  {seeded 0|1, document, version}
+/// ```
+/// Why atomic: two replicas starting at once can not both seed (the second
+/// sees the first's document), and the seed has its audit entry.
+pub const TIERS_SEED: &str = concat!(
+    lua_prelude!(),
+    lua_audit!(),
+    r#"
+local doc = redis.call('HGET', KEYS[1], 'doc')
+if doc then
+  return {0, doc, tonumber(redis.call('HGET', KEYS[1], 'version') or '0') or 0}
+end
+-- The entry first: if it can not be written the script stops before any
+-- change (Redis does not roll back a script's earlier writes).
+audit_add(KEYS[2], now_ms(tonumber(ARGV[2])), tonumber(ARGV[3]), 4)
+redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'version', 1)
+return {1, ARGV[1], 1}
+"#
+);
+
+/// Replaces the tiers document if nobody changed it since it was read
+/// (compare-and-set on the version), with its audit entry.
+///
+/// ```text
+/// KEYS[1]  sluice:{g}:tiers   KEYS[2]  sluice:{g}:audit
+/// ARGV[1]  the version the change was computed from
+/// ARGV[2]  the new document (JSON, validated by the service)
+/// ARGV[3]  test clock offset in ms   ARGV[4]  audit retention in ms
+/// ARGV[5..] field/value pairs of the audit entry
+/// returns  {1, new version, audit id} or {0, current version} on a conflict
+/// ```
+/// Why atomic: the document, its version and the audit entry change in one
+/// step (one slot, `{g}`), so no tiers change exists without its entry and
+/// two concurrent edits can not overwrite each other unnoticed. The entry is
+/// written first because Redis does not undo a failing script's earlier
+/// writes: an entry that can not be written stops the script unchanged.
+pub const TIERS_WRITE: &str = concat!(
+    lua_prelude!(),
+    lua_audit!(),
+    r#"
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0') or 0
+if current ~= tonumber(ARGV[1]) then return {0, current} end
+-- The entry first: if it can not be written the script stops before any
+-- change (Redis does not roll back a script's earlier writes).
+local id = audit_add(KEYS[2], now_ms(tonumber(ARGV[3])), tonumber(ARGV[4]), 5)
+redis.call('HSET', KEYS[1], 'doc', ARGV[2])
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+return {1, v, id}
 "#
 );
 

@@ -7,18 +7,21 @@
 //! out as EVALSHA and are re-loaded by redis-rs when Redis answers NOSCRIPT
 //! (after a restart or SCRIPT FLUSH).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prometheus::HistogramVec;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use sluice_wire::Window;
 
 use sluice_wire::{StorageState, UsageAnswer};
 
-use crate::config::{LimitField, ServeConfig, RESERVATION_TTL_S};
+use crate::config::{ServeConfig, LIMITS, RESERVATION_TTL_S};
 use crate::decision::{RowKind, ScriptDecision, ValidCheck, ValidUsage, WindowRow};
+use crate::tiers::TiersSnapshot;
 use crate::{keys, scripts};
 
 #[derive(Debug)]
@@ -60,14 +63,21 @@ impl From<redis::RedisError> for StoreError {
     }
 }
 
-/// A tier or token window as the admin view reports it.
+/// One limit of the tenant view, as the status script reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusRow {
-    /// `hour`, `day`, `month`, `tokens_hour` or `tokens_month`.
+pub struct LimitRow {
     pub name: String,
-    pub window: Window,
-    pub limit: u64,
-    pub current: u64,
+    /// `None`: not enforced (no value anywhere).
+    pub effective: Option<u64>,
+    /// `tier`, `custom`, `override` or `none`.
+    pub source: String,
+    /// For an override: its expiry, epoch ms.
+    pub override_until_ms: Option<u64>,
+    pub tier_value: Option<u64>,
+    pub custom_value: Option<u64>,
+    pub override_value: Option<u64>,
+    /// For an enforced window: units used in the current window.
+    pub current: Option<u64>,
     pub reset: u64,
     pub reset_in: u64,
 }
@@ -75,15 +85,20 @@ pub struct StatusRow {
 /// A tenant's configuration and usage at one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantStatus {
+    /// The tier in effect (the default tier when none is set or the set one
+    /// no longer exists).
     pub tier: String,
-    /// Custom limits, [`LimitField::ALL`] order.
-    pub custom: Vec<(LimitField, Option<u64>)>,
-    pub windows: Vec<StatusRow>,
+    /// The tier stored for the tenant, if any.
+    pub stored_tier: Option<String>,
+    pub shadow: bool,
+    pub pool: Option<String>,
     /// Reported storage use in bytes (0 if never reported).
     pub storage_used: u64,
-    /// The storage quota in force, if any.
-    pub storage_limit: Option<u64>,
+    pub limits: Vec<LimitRow>,
 }
+
+/// One audit entry as stored: its stream id and its fields.
+pub type AuditRecord = (String, Vec<(String, String)>);
 
 #[derive(Clone)]
 pub struct Store {
@@ -92,8 +107,12 @@ pub struct Store {
     check: Script,
     status: Script,
     reconcile: Script,
-    tiers_arg: String,
-    default_tier: String,
+    tenant_update: Script,
+    report: Script,
+    audit_append: Script,
+    tiers_seed: Script,
+    tiers_write: Script,
+    redis_seconds: Option<HistogramVec>,
 }
 
 impl fmt::Debug for Store {
@@ -125,33 +144,53 @@ impl Store {
             check: Script::new(scripts::CHECK),
             status: Script::new(scripts::STATUS),
             reconcile: Script::new(scripts::RECONCILE),
-            tiers_arg: config.tiers.script_arg(),
-            default_tier: config.tiers.default_tier().to_string(),
+            tenant_update: Script::new(scripts::TENANT_UPDATE),
+            report: Script::new(scripts::REPORT),
+            audit_append: Script::new(scripts::AUDIT_APPEND),
+            tiers_seed: Script::new(scripts::TIERS_SEED),
+            tiers_write: Script::new(scripts::TIERS_WRITE),
+            redis_seconds: None,
         })
+    }
+
+    /// Observes every Redis call's duration in `hist` (label `op`).
+    pub fn with_latency_histogram(mut self, hist: HistogramVec) -> Store {
+        self.redis_seconds = Some(hist);
+        self
     }
 
     async fn bounded<T>(
         &self,
+        op: &'static str,
         fut: impl Future<Output = Result<T, redis::RedisError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.timeout, fut).await {
             Ok(result) => result.map_err(StoreError::Redis),
             Err(_) => Err(StoreError::Timeout),
+        };
+        if let Some(h) = &self.redis_seconds {
+            h.with_label_values(&[op])
+                .observe(started.elapsed().as_secs_f64());
         }
+        result
     }
 
-    /// Runs the check script: decides and, if admitted, counts.
+    /// Runs the check script: decides and, if admitted, counts (and adds the
+    /// decision to the day's usage rollup).
     pub async fn check(
         &self,
         c: &ValidCheck,
         offset_ms: i64,
+        tiers: &TiersSnapshot,
+        usage_ttl_s: u64,
     ) -> Result<ScriptDecision, StoreError> {
         let mut inv = self.check.prepare_invoke();
         inv.key(keys::cfg(&c.tenant))
             .arg(offset_ms)
             .arg(c.cost)
-            .arg(&self.default_tier)
-            .arg(&self.tiers_arg)
+            .arg(tiers.tiers.default_tier())
+            .arg(&tiers.script_arg)
             .arg(keys::tier_counter_prefix(&c.tenant))
             .arg(
                 c.policy
@@ -168,13 +207,39 @@ impl Store {
             } else {
                 String::new()
             })
-            .arg(RESERVATION_TTL_S);
+            .arg(RESERVATION_TTL_S)
+            .arg(keys::usage_prefix(&c.tenant))
+            .arg(usage_ttl_s)
+            .arg(u8::from(c.shadow));
         for rl in &c.route_limits {
             inv.arg(rl.window.as_str()).arg(rl.limit);
         }
         let mut conn = self.conn.clone();
-        let reply: Value = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let reply: Value = self.bounded("check", inv.invoke_async(&mut conn)).await?;
         parse_check(reply)
+    }
+
+    /// Reads a tenant's tier, every limit with its source, and current usage.
+    pub async fn status(
+        &self,
+        tenant: &str,
+        offset_ms: i64,
+        tiers: &TiersSnapshot,
+    ) -> Result<TenantStatus, StoreError> {
+        let mut inv = self.status.prepare_invoke();
+        inv.key(keys::cfg(tenant))
+            .arg(offset_ms)
+            .arg(tiers.tiers.default_tier())
+            .arg(&tiers.script_arg)
+            .arg(keys::tier_counter_prefix(tenant))
+            .arg(keys::token_counter_prefix(tenant))
+            .arg(keys::storage(tenant));
+        for def in LIMITS {
+            inv.arg(def.name);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("status", inv.invoke_async(&mut conn)).await?;
+        parse_status(reply)
     }
 
     /// Replaces a reservation with real usage (idempotent).
@@ -190,7 +255,7 @@ impl Store {
             .arg(if u.complete { 1 } else { 0 })
             .arg(keys::token_counter_prefix(&u.tenant));
         let mut conn = self.conn.clone();
-        let reply: Value = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let reply: Value = self.bounded("usage", inv.invoke_async(&mut conn)).await?;
         let mut f = fields(&reply)?;
         Ok(UsageAnswer {
             status: as_text(f.next()?)?,
@@ -207,65 +272,250 @@ impl Store {
             cmd.arg(b);
         }
         let mut conn = self.conn.clone();
-        self.bounded(cmd.query_async::<()>(&mut conn)).await
+        self.bounded("admin", cmd.query_async::<()>(&mut conn)).await
     }
 
-    /// Reads a tenant's tier, custom limits and current usage (read-only).
-    pub async fn status(&self, tenant: &str, offset_ms: i64) -> Result<TenantStatus, StoreError> {
-        let mut inv = self.status.prepare_invoke();
-        inv.key(keys::cfg(tenant))
-            .arg(offset_ms)
-            .arg(&self.default_tier)
-            .arg(&self.tiers_arg)
-            .arg(keys::tier_counter_prefix(tenant))
-            .arg(keys::token_counter_prefix(tenant))
-            .arg(keys::storage(tenant));
+    /// The tenant's raw cfg hash (what an admin change is about to replace).
+    pub async fn tenant_cfg(&self, tenant: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(keys::cfg(tenant));
         let mut conn = self.conn.clone();
-        let reply: Value = self.bounded(inv.invoke_async(&mut conn)).await?;
-        parse_status(reply)
+        self.bounded("admin", cmd.query_async(&mut conn)).await
     }
 
-    /// Sets the tenant's tier (validated against the tiers by the caller).
-    pub async fn set_tier(&self, tenant: &str, tier: &str) -> Result<(), StoreError> {
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(keys::cfg(tenant)).arg("tier").arg(tier);
-        let mut conn = self.conn.clone();
-        self.bounded(cmd.query_async::<()>(&mut conn)).await
-    }
-
-    /// Sets (`Some`) or clears (`None`) custom limits, all in one MULTI so a
-    /// check never sees half of a change.
-    pub async fn set_limits(
+    /// Sets (`Some`) or deletes (`None`) cfg fields in one atomic step,
+    /// dropping expired overrides on the way.
+    pub async fn tenant_update(
         &self,
         tenant: &str,
-        changes: &[(LimitField, Option<u64>)],
+        offset_ms: i64,
+        changes: &[(String, Option<String>)],
     ) -> Result<(), StoreError> {
-        let key = keys::cfg(tenant);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (window, value) in changes {
-            match value {
-                Some(v) => pipe.hset(&key, window.as_str(), *v).ignore(),
-                None => pipe.hdel(&key, window.as_str()).ignore(),
-            };
+        let mut inv = self.tenant_update.prepare_invoke();
+        inv.key(keys::cfg(tenant)).arg(offset_ms);
+        for (field, value) in changes {
+            inv.arg(field).arg(value.as_deref().unwrap_or(""));
         }
         let mut conn = self.conn.clone();
-        self.bounded(pipe.query_async::<()>(&mut conn)).await
+        self.bounded("admin", inv.invoke_async::<i64>(&mut conn))
+            .await
+            .map(|_| ())
     }
 
-    /// Removes every custom limit (the tier applies again).
-    pub async fn clear_limits(&self, tenant: &str) -> Result<(), StoreError> {
-        let changes: Vec<(LimitField, Option<u64>)> =
-            LimitField::ALL.iter().map(|f| (*f, None)).collect();
-        self.set_limits(tenant, &changes).await
+    /// Adds one latency report to the tenant's daily rollup.
+    pub async fn report(
+        &self,
+        tenant: &str,
+        offset_ms: i64,
+        usage_ttl_s: u64,
+        bucket: usize,
+        latency_ms: u64,
+    ) -> Result<String, StoreError> {
+        let mut inv = self.report.prepare_invoke();
+        inv.key(keys::cfg(tenant))
+            .arg(offset_ms)
+            .arg(keys::usage_prefix(tenant))
+            .arg(usage_ttl_s)
+            .arg(bucket)
+            .arg(latency_ms);
+        let mut conn = self.conn.clone();
+        self.bounded("report", inv.invoke_async(&mut conn)).await
     }
 
-    /// Loads both scripts so the first checks do not all meet NOSCRIPT at
+    /// Appends an audit entry; returns its id.
+    pub async fn audit_append(
+        &self,
+        offset_ms: i64,
+        retention: Duration,
+        fields: &[(&str, String)],
+    ) -> Result<String, StoreError> {
+        let mut inv = self.audit_append.prepare_invoke();
+        inv.key(keys::audit())
+            .arg(offset_ms)
+            .arg(retention_ms(retention));
+        for (k, v) in fields {
+            inv.arg(*k).arg(v);
+        }
+        let mut conn = self.conn.clone();
+        self.bounded("audit", inv.invoke_async(&mut conn)).await
+    }
+
+    /// Audit entries with ids in `[start, end]` (`-`/`+` for open ends),
+    /// newest first, at most `count`.
+    pub async fn audit_range(
+        &self,
+        end: &str,
+        start: &str,
+        count: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(keys::audit())
+            .arg(end)
+            .arg(start)
+            .arg("COUNT")
+            .arg(count);
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("audit", cmd.query_async(&mut conn)).await?;
+        parse_stream(reply)
+    }
+
+    /// Seeds the tiers document if Redis has none; returns
+    /// `(seeded, document, version)` of what Redis holds afterwards.
+    pub async fn tiers_seed(
+        &self,
+        doc: &str,
+        offset_ms: i64,
+        retention: Duration,
+        entry: &[(&str, String)],
+    ) -> Result<(bool, String, u64), StoreError> {
+        let mut inv = self.tiers_seed.prepare_invoke();
+        inv.key(keys::tiers())
+            .key(keys::audit())
+            .arg(doc)
+            .arg(offset_ms)
+            .arg(retention_ms(retention));
+        for (k, v) in entry {
+            inv.arg(*k).arg(v);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("tiers", inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        let seeded = as_int(f.next()?)? == 1;
+        let doc = as_text(f.next()?)?;
+        let version = as_u64(f.next()?)?;
+        Ok((seeded, doc, version))
+    }
+
+    /// The tiers version in Redis (`None`: no tiers stored).
+    pub async fn tiers_version(&self) -> Result<Option<u64>, StoreError> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(keys::tiers()).arg("version");
+        let mut conn = self.conn.clone();
+        self.bounded("tiers", cmd.query_async(&mut conn)).await
+    }
+
+    /// The tiers document and its version, read together.
+    pub async fn tiers_read(&self) -> Result<Option<(String, u64)>, StoreError> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(keys::tiers()).arg("doc").arg("version");
+        let mut conn = self.conn.clone();
+        let (doc, version): (Option<String>, Option<u64>) =
+            self.bounded("tiers", cmd.query_async(&mut conn)).await?;
+        Ok(doc.zip(version))
+    }
+
+    /// Compare-and-set of the tiers document with its audit entry:
+    /// `Ok(Some((version, audit id)))`, or `Ok(None)` when the version moved.
+    pub async fn tiers_write(
+        &self,
+        expected_version: u64,
+        doc: &str,
+        offset_ms: i64,
+        retention: Duration,
+        entry: &[(&str, String)],
+    ) -> Result<Option<(u64, String)>, StoreError> {
+        let mut inv = self.tiers_write.prepare_invoke();
+        inv.key(keys::tiers())
+            .key(keys::audit())
+            .arg(expected_version)
+            .arg(doc)
+            .arg(offset_ms)
+            .arg(retention_ms(retention));
+        for (k, v) in entry {
+            inv.arg(*k).arg(v);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("tiers", inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        if as_int(f.next()?)? != 1 {
+            return Ok(None);
+        }
+        let version = as_u64(f.next()?)?;
+        let id = as_text(f.next()?)?;
+        Ok(Some((version, id)))
+    }
+
+    /// Adds `tenant` to the usage index of `day` (kept `ttl_s` seconds).
+    pub async fn usage_index_add(
+        &self,
+        day: &str,
+        tenant: &str,
+        ttl_s: u64,
+    ) -> Result<(), StoreError> {
+        let key = keys::usage_index(day);
+        let mut pipe = redis::pipe();
+        pipe.sadd(&key, tenant).ignore();
+        pipe.cmd("EXPIRE").arg(&key).arg(ttl_s).ignore();
+        let mut conn = self.conn.clone();
+        self.bounded("usage", pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Tenants with usage on `day`.
+    pub async fn usage_index(&self, day: &str) -> Result<Vec<String>, StoreError> {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(keys::usage_index(day));
+        let mut conn = self.conn.clone();
+        let mut v: Vec<String> = self.bounded("usage", cmd.query_async(&mut conn)).await?;
+        v.sort();
+        Ok(v)
+    }
+
+    /// The rollup hashes of `(tenant, day)` pairs, in order (empty maps for
+    /// days without usage).
+    pub async fn usage_rollups(
+        &self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<BTreeMap<String, u64>>, StoreError> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (tenant, day) in pairs {
+            pipe.hgetall(keys::usage_day(tenant, day));
+        }
+        let mut conn = self.conn.clone();
+        self.bounded("usage", pipe.query_async(&mut conn)).await
+    }
+
+    /// Redis's clock plus the test offset, in epoch ms.
+    pub async fn now_ms(&self, offset_ms: i64) -> Result<i64, StoreError> {
+        let mut conn = self.conn.clone();
+        let (s, us): (i64, i64) = self
+            .bounded("time", redis::cmd("TIME").query_async(&mut conn))
+            .await?;
+        Ok(s.saturating_mul(1000)
+            .saturating_add(us / 1000)
+            .saturating_add(offset_ms))
+    }
+
+    /// `used_memory` and `maxmemory` from `INFO memory`.
+    pub async fn memory(&self) -> Result<(u64, u64), StoreError> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("memory");
+        let mut conn = self.conn.clone();
+        let text: String = self.bounded("info", cmd.query_async(&mut conn)).await?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let used = field("used_memory").ok_or_else(|| bad("INFO memory has no used_memory"))?;
+        Ok((used, field("maxmemory").unwrap_or(0)))
+    }
+
+    /// Loads every script so the first calls do not all meet NOSCRIPT at
     /// once. Optional: EVALSHA reloads on NOSCRIPT anyway.
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        for script in [&self.check, &self.status, &self.reconcile] {
-            self.bounded(script.prepare_invoke().load_async(&mut conn))
+        for script in [
+            &self.check,
+            &self.status,
+            &self.reconcile,
+            &self.tenant_update,
+            &self.report,
+            &self.audit_append,
+        ] {
+            self.bounded("load", script.prepare_invoke().load_async(&mut conn))
                 .await?;
         }
         Ok(())
@@ -274,7 +524,7 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let reply: String = self
-            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .bounded("ping", redis::cmd("PING").query_async(&mut conn))
             .await?;
         if reply == "PONG" {
             Ok(())
@@ -282,6 +532,10 @@ impl Store {
             Err(StoreError::BadReply(format!("PING answered {reply:?}")))
         }
     }
+}
+
+fn retention_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 fn bad(msg: impl Into<String>) -> StoreError {
@@ -337,6 +591,10 @@ fn fields(reply: &Value) -> Result<Fields<'_>, StoreError> {
     }
 }
 
+fn opt_u64(v: &Value) -> Result<Option<u64>, StoreError> {
+    Ok(u64::try_from(as_int(v)?).ok())
+}
+
 fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
     let mut f = fields(&reply)?;
     let allowed = as_int(f.next()?)? == 1;
@@ -364,6 +622,10 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
             exceeded: as_int(f.next()?)? == 1,
         });
     }
+    let shadow = as_int(f.next()?)? == 1;
+    let pool = as_text(f.next()?)?;
+    let day = as_text(f.next()?)?;
+    let cost = as_u64(f.next()?)?;
     Ok(ScriptDecision {
         allowed,
         tier,
@@ -374,35 +636,67 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
             limit,
             exceeded: storage_exceeded,
         }),
+        shadow,
+        pool: (!pool.is_empty()).then_some(pool),
+        day,
+        cost,
     })
 }
 
 fn parse_status(reply: Value) -> Result<TenantStatus, StoreError> {
     let mut f = fields(&reply)?;
     let tier = as_text(f.next()?)?;
-    let mut custom = Vec::new();
-    for field in LimitField::ALL {
-        custom.push((field, u64::try_from(as_int(f.next()?)?).ok()));
-    }
+    let stored = as_text(f.next()?)?;
+    let shadow = as_int(f.next()?)? == 1;
+    let pool = as_text(f.next()?)?;
     let storage_used = as_u64(f.next()?)?;
-    let storage_limit = u64::try_from(as_int(f.next()?)?).ok();
     let n = as_u64(f.next()?)?;
-    let mut windows = Vec::new();
+    let mut limits = Vec::new();
     for _ in 0..n {
-        windows.push(StatusRow {
-            name: as_text(f.next()?)?,
-            window: as_window(f.next()?)?,
-            limit: as_u64(f.next()?)?,
-            current: as_u64(f.next()?)?,
+        let name = as_text(f.next()?)?;
+        let effective = opt_u64(f.next()?)?;
+        let source = as_text(f.next()?)?;
+        let until = as_u64(f.next()?)?;
+        limits.push(LimitRow {
+            name,
+            effective,
+            source,
+            override_until_ms: (until > 0).then_some(until),
+            tier_value: opt_u64(f.next()?)?,
+            custom_value: opt_u64(f.next()?)?,
+            override_value: opt_u64(f.next()?)?,
+            current: opt_u64(f.next()?)?,
             reset: as_u64(f.next()?)?,
             reset_in: as_u64(f.next()?)?,
         });
     }
     Ok(TenantStatus {
         tier,
-        custom,
-        windows,
+        stored_tier: (!stored.is_empty()).then_some(stored),
+        shadow,
+        pool: (!pool.is_empty()).then_some(pool),
         storage_used,
-        storage_limit,
+        limits,
     })
+}
+
+/// An XRANGE/XREVRANGE reply: `[[id, [k, v, k, v...]], ...]`.
+fn parse_stream(reply: Value) -> Result<Vec<AuditRecord>, StoreError> {
+    let Value::Array(entries) = reply else {
+        return Err(bad("stream reply is not an array"));
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in &entries {
+        let mut f = fields(e)?;
+        let id = as_text(f.next()?)?;
+        let mut kv = Vec::new();
+        if let Value::Array(items) = f.next()? {
+            let mut it = items.iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                kv.push((as_text(k)?, as_text(v)?));
+            }
+        }
+        out.push((id, kv));
+    }
+    Ok(out)
 }

@@ -78,7 +78,7 @@ fn check_config_reads_tiers_and_token_files_and_env_defaults() {
         "gold: 7 / - / -",
         "redis-timeout-ms: 120",
         "test clock:       enabled",
-        "enabled (token set)",
+        "enabled (tokens: admin)",
     ] {
         assert!(stdout.contains(needle), "missing {needle:?} in {stdout}");
     }

@@ -25,6 +25,13 @@ const SLUICE_ENV: &[&str] = &[
     "SLUICE_DEFAULT_TIER",
     "SLUICE_REDIS_TIMEOUT_MS",
     "SLUICE_ENABLE_TEST_CLOCK",
+    "SLUICE_ADMIN_TOKENS_FILE",
+    "SLUICE_TIERS_REFRESH_MS",
+    "SLUICE_AUDIT_RETENTION_DAYS",
+    "SLUICE_USAGE_RETENTION_DAYS",
+    "SLUICE_METRICS_TOP_TENANTS",
+    "SLUICE_ADMIN_URL",
+    "SLUICE_ADMIN_ACTOR",
 ];
 
 /// How to run `sluice serve`. `Default` gives an admin token

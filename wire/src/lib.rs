@@ -109,6 +109,11 @@ pub struct CheckRequest {
     /// or over its storage quota.
     #[serde(default, skip_serializing_if = "is_false")]
     pub upload: bool,
+    /// The route is in shadow mode: decide and count as usual, but the
+    /// filter forwards the request whatever the answer (counted as
+    /// `shadow_denied` when it would have been denied).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
 }
 
 fn one() -> u64 {
@@ -179,6 +184,31 @@ pub struct CheckResponse {
     /// On upload routes whose tenant has a storage quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageState>,
+    /// The tenant (or the request's route) is in shadow mode: the filter
+    /// forwards the request even when `allowed` is false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
+    /// The reserved pool the tenant's admitted requests are routed to (the
+    /// filter sets [`POOL_HEADER`] to it); absent for the shared capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_pool: Option<String>,
+}
+
+/// Request header the filter sets to the reserved pool of an admitted
+/// request, for the route table to match (clients can never set it: every
+/// `x-sluice-*` request header is removed on entry).
+pub const POOL_HEADER: &str = "x-sluice-pool";
+
+/// Path of the upstream latency report on the quota service.
+pub const REPORT_PATH: &str = "/v1/report";
+
+/// Body of `POST /v1/report`: what the filter measured for one admitted
+/// request, sent after the upstream answered (fire and forget).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportRequest {
+    pub tenant: String,
+    /// Milliseconds from forwarding the request to the upstream's response headers.
+    pub upstream_latency_ms: u64,
 }
 
 /// Body of `POST /v1/usage`: the real usage of an admitted request,

@@ -22,7 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use sluice_service::config::{Secret, ServeConfig, Tiers};
+use sluice_service::config::{AdminToken, Secret, ServeConfig, Tiers};
 use sluice_service::http::Shared;
 
 pub const TOKEN: &str = "test-admin-token";
@@ -268,13 +268,14 @@ impl Http {
 /// debug build running every test file at once on two cores can stall a
 /// burst past 250 ms; the failure tests use [`fast_config`].
 pub fn default_config(redis_url: &str) -> ServeConfig {
-    ServeConfig {
-        redis_url: redis_url.to_string(),
-        tiers: Tiers::builtin(None).unwrap(),
-        admin_token: Some(Secret::new(TOKEN)),
-        redis_timeout: Duration::from_millis(3000),
-        enable_test_clock: true,
-    }
+    let mut c = ServeConfig::new(redis_url, Tiers::builtin(None).unwrap());
+    c.admin_tokens = vec![AdminToken {
+        name: "admin".into(),
+        token: Secret::new(TOKEN),
+    }];
+    c.redis_timeout = Duration::from_millis(3000);
+    c.enable_test_clock = true;
+    c
 }
 
 /// The production default timeout (250 ms), for tests of Redis failures.
