@@ -51,9 +51,16 @@ impl Stack {
         admitted(&self.upstream, tenant)
     }
 
-    /// Callouts Envoy has made to the quota cluster so far.
+    /// Decision callouts (`POST /v1/check`) the quota service has received so
+    /// far, every result counted. Read at the service rather than from Envoy's
+    /// cluster stats, which also count the filter's start-up probes (one per
+    /// VM, finishing at their own pace) and fire-and-forget usage reports.
     pub fn callouts(&self) -> u64 {
-        self.envoy.stat("cluster.sluice_quota.upstream_rq_total")
+        let text = self.service.metrics();
+        text.lines()
+            .filter(|l| l.starts_with("sluice_checks_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 
     pub fn set_limits(&self, tenant: &str, limits: Value) {
