@@ -18,8 +18,11 @@
 //! - [`admin`]: the bearer-token admin API under `/v1/admin`.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`demo`]: the demo upstream (`sluice demo-upstream`).
+//! - [`upstreams`]: the upstreams file: capacities and queue settings.
+//! - [`queue`]: the queue listener, the workers and their events.
+//! - [`ids`]: unguessable request ids and tickets.
 //!
-//! The binary `sluice` only parses flags and calls [`run`] or
+//! The binary `sluice` only parses flags and calls [`run_with_queue`] or
 //! [`demo::run_demo_upstream`]; tests call them directly on port 0.
 
 pub mod admin;
@@ -29,18 +32,30 @@ pub mod config;
 pub mod decision;
 pub mod demo;
 pub mod http;
+pub mod ids;
 pub mod keys;
 pub mod metrics;
+pub mod queue;
 pub mod scripts;
 pub mod store;
 pub mod tiers;
 pub mod timefmt;
+pub mod upstreams;
 pub mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+
+/// Small answers on multiplexed h2c connections must not wait for Nagle's
+/// algorithm (and the peer's delayed ACK, ~40 ms) behind other streams.
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!("could not set TCP_NODELAY: {e}");
+    }
+}
 
 pub use config::{ServeConfig, ServeOptions, Tiers};
 pub use demo::run_demo_upstream;
@@ -71,6 +86,9 @@ impl std::error::Error for RunError {}
 pub fn app(config: ServeConfig) -> Result<(axum::Router, http::Shared), RunError> {
     let metrics = metrics::Metrics::with_top_n(config.metrics_top_tenants)
         .map_err(RunError::Metrics)?;
+    metrics
+        .register_upstreams(&config.upstreams.names())
+        .map_err(RunError::Metrics)?;
     let store = store::Store::new(&config)
         .map_err(RunError::Store)?
         .with_latency_histogram(metrics.redis_histogram());
@@ -85,9 +103,22 @@ pub fn app(config: ServeConfig) -> Result<(axum::Router, http::Shared), RunError
 /// Serves the quota service on `listener` (HTTP/1.1 and h2c prior knowledge
 /// on the same port) until `shutdown` resolves, then drains open requests.
 /// Redis is connected lazily: the service starts while Redis is down and
-/// `/readyz` says so.
+/// `/readyz` says so. No queue listener; workers run if configured.
 pub async fn run(
     listener: TcpListener,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    run_with_queue(listener, None, config, shutdown).await
+}
+
+/// [`run`], plus the queue listener on `queue_listener` (HTTP/1.1 and h2c)
+/// and `config.workers` workers per upstream. On `shutdown` workers stop
+/// taking work and finish or put back their in-flight dispatch, waiters
+/// whose request is still queued answer 503, and both listeners drain.
+pub async fn run_with_queue(
+    listener: TcpListener,
+    queue_listener: Option<TcpListener>,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
@@ -99,13 +130,49 @@ pub async fn run(
             tracing::warn!("could not preload scripts (Redis down?); they load on first use: {e}");
         }
     });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let queue = queue::Queue::new(state.clone(), stop_rx.clone());
+    let background = queue.spawn_background();
+    let queue_server = queue_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "queue listener");
+        }
+        let mut stop = stop_rx.clone();
+        let q = queue::intake::router(queue.clone());
+        tokio::spawn(async move {
+            axum::serve(l.tap_io(no_delay), q)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "quota service listening");
     }
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(RunError::Io)?;
+    let mut stop = stop_rx.clone();
+    let main = tokio::spawn(async move {
+        axum::serve(listener.tap_io(no_delay), router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    shutdown.await;
+    tracing::info!("shutting down: workers stop taking work, listeners drain");
+    let _ = stop_tx.send(true);
+    for t in background {
+        let _ = t.await;
+    }
+    if let Some(q) = queue_server {
+        if let Ok(Err(e)) = q.await {
+            return Err(RunError::Io(e));
+        }
+    }
+    match main.await {
+        Ok(r) => r.map_err(RunError::Io)?,
+        Err(e) => return Err(RunError::Io(std::io::Error::other(e))),
+    }
     tracing::info!("quota service stopped");
     Ok(())
 }
