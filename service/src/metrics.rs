@@ -712,51 +712,6 @@ impl Metrics {
     }
 }
 
-#[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
-mod tests {
-    use super::*;
-
-    fn win(name: &str, window: Window, limit: u64, used: u64) -> WindowState {
-        WindowState {
-            name: name.into(),
-            window,
-            limit,
-            used,
-            remaining: limit.saturating_sub(used),
-            reset: wall_s() + 600,
-            reset_in: 600,
-        }
-    }
-
-    #[test]
-    fn utilisation_names_the_top_tenants_and_folds_the_rest_into_other() {
-        let m = Metrics::with_top_n(2).unwrap();
-        for (t, used) in [("a", 10), ("b", 95), ("c", 50), ("d", 99)] {
-            m.utilisation(t, &[win("hour", Window::Hour, 100, used), win("llm-hour", Window::Hour, 1, 1)], 0);
-        }
-        let text = m.render();
-        assert!(text.contains(r#"sluice_tenant_quota_utilization_ratio{tenant="d",window="hour"} 0.99"#), "{text}");
-        assert!(text.contains(r#"sluice_tenant_quota_utilization_ratio{tenant="b",window="hour"} 0.95"#));
-        assert!(text.contains(r#"sluice_tenant_quota_utilization_ratio{tenant="other",window="hour"} 0.5"#));
-        assert!(!text.contains(r#"tenant="a""#) && !text.contains(r#"tenant="c""#));
-    }
-
-    #[test]
-    fn latency_buckets_are_upper_bounds() {
-        assert_eq!(latency_bucket(0), 0);
-        assert_eq!(latency_bucket(1), 0);
-        assert_eq!(latency_bucket(2), 1);
-        assert_eq!(latency_bucket(60_000), 14);
-        assert_eq!(latency_bucket(60_001), 15);
-    }
-}
-
 /// The queue's upstream-labelled metrics (`upstream` takes the names of the
 /// upstreams file: bounded).
 struct QueueMetrics {
@@ -817,5 +772,50 @@ impl QueueMetrics {
                 &["upstream", "reason"],
             )?,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+mod tests {
+    use super::*;
+
+    fn win(name: &str, window: Window, limit: u64, used: u64) -> WindowState {
+        WindowState {
+            name: name.into(),
+            window,
+            limit,
+            used,
+            remaining: limit.saturating_sub(used),
+            reset: wall_s() + 600,
+            reset_in: 600,
+        }
+    }
+
+    #[test]
+    fn utilisation_names_the_top_tenants_and_folds_the_rest_into_other() {
+        let m = Metrics::with_top_n(2).unwrap();
+        for (t, used) in [("a", 10), ("b", 95), ("c", 50), ("d", 99)] {
+            m.utilisation(t, &[win("hour", Window::Hour, 100, used), win("llm-hour", Window::Hour, 1, 1)], 0);
+        }
+        let text = m.render();
+        assert!(text.contains(r#"sluice_tenant_quota_utilization_ratio{tenant="d",window="hour"} 0.99"#), "{text}");
+        assert!(text.contains(r#"sluice_tenant_quota_utilization_ratio{tenant="b",window="hour"} 0.95"#));
+        assert!(text.contains(r#"sluice_tenant_quota_utilization_ratio{tenant="other",window="hour"} 0.5"#));
+        assert!(!text.contains(r#"tenant="a""#) && !text.contains(r#"tenant="c""#));
+    }
+
+    #[test]
+    fn latency_buckets_are_upper_bounds() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(1), 0);
+        assert_eq!(latency_bucket(2), 1);
+        assert_eq!(latency_bucket(60_000), 14);
+        assert_eq!(latency_bucket(60_001), 15);
     }
 }

@@ -71,7 +71,10 @@ fn start(o: Opts) -> Q {
             ..ServiceOpts::default()
         },
     );
-    let mut cfg = plugin_config(o.plugin);
+    // A generous callout timeout: a loaded machine must not turn into fail-open.
+    let mut plugin = json!({"timeout_ms": 2000});
+    merge(&mut plugin, &o.plugin);
+    let mut cfg = plugin_config(plugin);
     let policies = cfg["policies"].as_array_mut().unwrap();
     let gpu_policy = policies.iter_mut().find(|p| p["name"] == "gpu").expect("the shipped gpu policy");
     merge(gpu_policy, &o.policy);
@@ -527,8 +530,8 @@ fn the_tier_short_term_rate_answers_429_rate_limited_in_window_second() {
 }
 
 #[test]
-fn queue_stats_and_metrics_show_depth_per_tenant_the_oldest_wait_and_no_tenant_labels() {
-    let q = start(Opts { workers: 0, ..Opts::default() });
+fn queue_stats_and_metrics_show_depth_per_tenant_and_the_oldest_wait_with_bounded_labels() {
+    let q = start(Opts { workers: 0, extra_args: vec!["--metrics-top-tenants".into(), "1".into()], ..Opts::default() });
     q.drain_bucket("s1");
     q.queue_async("s1", &[]);
     q.queue_async("s1", &[]);
@@ -540,12 +543,17 @@ fn queue_stats_and_metrics_show_depth_per_tenant_the_oldest_wait_and_no_tenant_l
     assert_eq!(stats["capacity"]["rate"], 1);
     let text = q.service.metrics();
     let m = sluice_tests::PromMetrics::parse(&text);
-    assert_eq!(m.get("sluice_queue_depth", &[("upstream", "gpu")]), Some(3.0));
-    assert!(m.get("sluice_queue_oldest_wait_seconds", &[("upstream", "gpu")]).is_some());
+    assert_eq!(m.get("sluice_queue_depth_total", &[]), Some(3.0));
+    assert_eq!(m.get("sluice_queue_upstream_depth", &[("upstream", "gpu")]), Some(3.0));
+    // Per tenant: the top N (here 1) by name, the rest under `other`.
+    assert_eq!(m.get("sluice_queue_depth", &[("tenant", "s1")]), Some(2.0));
+    assert_eq!(m.get("sluice_queue_depth", &[("tenant", "other")]), Some(1.0));
+    assert!(m.get("sluice_queue_depth", &[("tenant", "s2")]).is_none(), "s2 is not among the top 1");
+    assert!(m.get("sluice_queue_worker_lag_seconds", &[]).is_some());
     assert_eq!(m.get("sluice_queue_enqueued_total", &[("upstream", "gpu"), ("mode", "async")]), Some(3.0));
     assert_eq!(m.get("sluice_capacity_decisions_total", &[("upstream", "gpu"), ("decision", "direct")]), Some(1.0));
+    assert_eq!(m.get("sluice_checks_total", &[("result", "queued")]), Some(3.0));
     assert!(m.has("sluice_queue_wait_seconds_bucket"));
-    assert!(!text.contains("s1") && !text.contains("tenant="), "no tenant labels in metrics");
     let bad = q.service.get("/v1/queue/stats?tenants=abc");
     assert_eq!((bad.status, bad.json()["error"].clone()), (400, json!("invalid_request")));
 }

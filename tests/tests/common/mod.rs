@@ -18,9 +18,9 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// The shipped plugin config (with the tests' callout timeout), one Envoy worker.
+    /// The shipped plugin config, one Envoy worker.
     pub fn start() -> Stack {
-        Stack::with(plugin_config(json!({})), 1)
+        Stack::with(shipped_plugin_config(), 1)
     }
 
     pub fn with(plugin_config: Value, concurrency: u32) -> Stack {
@@ -141,15 +141,9 @@ pub fn header_u64(r: &Response, name: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{name} is not a whole number: {e}"))
 }
 
-/// Callout timeout of the tests' plugin configs: generous, so a loaded CI
-/// machine does not turn into fail-open (tests of timeouts set their own).
-pub const TEST_TIMEOUT_MS: u64 = 2000;
-
-/// A plugin config for tests: the shipped one with the tests' callout
-/// timeout and `changes` merged in.
+/// A plugin config for tests: the shipped one with changes merged in.
 pub fn plugin_config(changes: Value) -> Value {
     let mut c = shipped_plugin_config();
-    c["timeout_ms"] = json!(TEST_TIMEOUT_MS);
     if let (Some(base), Some(ch)) = (c.as_object_mut(), changes.as_object()) {
         for (k, v) in ch {
             base.insert(k.clone(), v.clone());
