@@ -178,6 +178,21 @@ async fn under_contention_the_tenant_over_its_fair_share_overflows_while_a_light
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_and_reserved_pools_are_never_queued_or_held_by_the_shared_capacity() {
+    let redis = RedisServer::start();
+    let (h, _store, up) = setup(&redis, json!({}));
+    assert_eq!(h.chk(&check_for("a"), 0, Some(&up), &id(1)).await.unwrap().verdict, Verdict::Allow);
+    assert_eq!(h.chk(&check_for("a"), 0, Some(&up), &id(2)).await.unwrap().verdict, Verdict::Queued);
+    let mut shadow = check_for("a");
+    shadow.shadow = true;
+    let d = h.chk(&shadow, 0, Some(&up), &id(3)).await.unwrap();
+    assert_eq!((d.verdict, d.allowed), (Verdict::Allow, true), "shadow mode never blocks or queues");
+    redis::cmd("HSET").arg(sluice_service::keys::cfg("gold")).arg("pool").arg("gold").query::<()>(&mut redis.conn()).unwrap();
+    let d = h.chk(&check_for("gold"), 0, Some(&up), &id(4)).await.unwrap();
+    assert_eq!((d.verdict, d.pool.as_deref()), (Verdict::Allow, Some("gold")), "a reserved pool has its own capacity");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_queue_overflow_is_capacity_exceeded_and_issues_no_ticket() {
     let redis = RedisServer::start();
     let (h, _store, up) = setup(&redis, json!({}));
