@@ -40,7 +40,8 @@ const SLUICE_ENV: &[&str] = &[
 ];
 
 /// How to run `sluice serve`. `Default` gives an admin token
-/// ([`TEST_ADMIN_TOKEN`]), the test clock on, built-in tiers.
+/// ([`TEST_ADMIN_TOKEN`]), the test clock on, built-in tiers, a 2 s Redis
+/// timeout.
 #[derive(Debug, Clone)]
 pub struct ServiceOpts {
     /// Written to a file passed with `--admin-token-file`; `None` runs without
@@ -71,7 +72,10 @@ impl Default for ServiceOpts {
             enable_test_clock: true,
             tiers: None,
             default_tier: None,
-            redis_timeout_ms: None,
+            // Generous: on a loaded 2-core machine a 250 ms bound on Redis
+            // calls turns checks into 503s and routes into their failure
+            // mode. Tests of Redis timeouts set their own.
+            redis_timeout_ms: Some(2_000),
             upstreams: None,
             queue: false,
             workers: None,
