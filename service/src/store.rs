@@ -1,7 +1,13 @@
 //! The Redis adapter: the only module that talks to Redis.
 //!
 //! One multiplexed connection (redis-rs `ConnectionManager`) is shared by all
-//! requests and reconnects by itself after Redis restarts. Every call is
+//! requests and reconnects by itself after Redis restarts. With
+//! `--redis-cluster` it is a redis-rs cluster connection instead (one
+//! multiplexed connection per primary, commands routed by their first key's
+//! slot, MOVED/ASK followed); [`Conn`] hides which, so nothing else here
+//! knows. Every script names one key of one tenant in KEYS and builds its
+//! other keys from prefixes with the same hash tag, so it runs on the node
+//! owning that tenant's slot and never meets CROSSSLOT. Every call is
 //! bounded by `--redis-timeout-ms` on top of the client's own timeouts, so a
 //! black-holed Redis yields a fast error instead of a hung request. Scripts go
 //! out as EVALSHA and are re-loaded by redis-rs when Redis answers NOSCRIPT
@@ -13,8 +19,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use prometheus::HistogramVec;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use sluice_wire::Window;
 
 use sluice_wire::{StorageState, UsageAnswer};
@@ -100,9 +108,46 @@ pub struct TenantStatus {
 /// One audit entry as stored: its stream id and its fields.
 pub type AuditRecord = (String, Vec<(String, String)>);
 
+/// The connection every Store call goes through: one Redis, or a Redis
+/// Cluster. Both multiplex all requests over few connections and reconnect
+/// by themselves.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: Conn,
     timeout: Duration,
     check: Script,
     status: Script,
@@ -127,17 +172,21 @@ impl Store {
     /// Creates the store without connecting: the service starts (and
     /// answers /healthz and /readyz) even while Redis is down.
     pub fn new(config: &ServeConfig) -> Result<Store, StoreError> {
-        let client = redis::Client::open(config.redis_url.as_str())?;
-        let mgr_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.redis_timeout))
-            .set_connection_timeout(Some(config.redis_timeout))
-            // Few, short retries: requests fail fast on their own timeout
-            // anyway, and a short backoff lets the service notice a
-            // restarted Redis within a second.
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, mgr_config)?;
+        let conn = if config.redis_cluster {
+            let client = ClusterClient::builder(config.redis_urls())
+                .connection_timeout(config.redis_timeout)
+                .response_timeout(config.redis_timeout)
+                .retries(2)
+                .build()?;
+            let cluster_config = ClusterConfig::new()
+                .set_connection_timeout(config.redis_timeout)
+                .set_response_timeout(config.redis_timeout);
+            // Connects in the background, like the single-node manager, so
+            // the service starts (and /readyz tells) while the cluster is down.
+            Conn::Cluster(client.get_pending_async_connection_with_config(cluster_config))
+        } else {
+            Conn::Single(Store::single(config)?)
+        };
         Ok(Store {
             conn,
             timeout: config.redis_timeout,
@@ -151,6 +200,20 @@ impl Store {
             tiers_write: Script::new(scripts::TIERS_WRITE),
             redis_seconds: None,
         })
+    }
+
+    fn single(config: &ServeConfig) -> Result<ConnectionManager, StoreError> {
+        let client = redis::Client::open(config.redis_url.as_str())?;
+        let mgr_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.redis_timeout))
+            .set_connection_timeout(Some(config.redis_timeout))
+            // Few, short retries: requests fail fast on their own timeout
+            // anyway, and a short backoff lets the service notice a
+            // restarted Redis within a second.
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        Ok(ConnectionManager::new_lazy_with_config(client, mgr_config)?)
     }
 
     /// Observes every Redis call's duration in `hist` (label `op`).

@@ -19,6 +19,7 @@ pub const TEST_ADMIN_TOKEN: &str = "sluice-test-admin-token-0123456789";
 const SLUICE_ENV: &[&str] = &[
     "SLUICE_LISTEN",
     "SLUICE_REDIS_URL",
+    "SLUICE_REDIS_CLUSTER",
     "SLUICE_TIERS",
     "SLUICE_ADMIN_TOKEN",
     "SLUICE_ADMIN_TOKEN_FILE",
