@@ -150,8 +150,11 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
     let target = Target::new(stack.envoy.listener_addr(), &opts.path, tenants);
     let rss_before = stack.envoy_rss_kib();
     let _ = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs_f64(opts.warmup_secs));
+    let cpu_before = stack.cpu();
     let throughput = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs_f64(opts.throughput_secs));
+    let cpu = stack.cpu().since(&cpu_before);
     eprintln!("   max throughput {:.0} req/s ({:?})", throughput.rps, throughput.counts);
+    eprintln!("   cpu seconds: {cpu:?}");
     let latency = load::open_loop(&target, opts.rate, Duration::from_secs_f64(opts.latency_secs), 64, opts.load_threads);
     eprintln!(
         "   at {:.0} req/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({:?})",
@@ -167,6 +170,7 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
     MainResult {
         mode: stack.mode,
         throughput,
+        cpu,
         latency,
         admission,
         enforced: stack.mode.is_sluice(),

@@ -25,6 +25,8 @@ pub struct AdmissionRow {
 pub struct MainResult {
     pub mode: Mode,
     pub throughput: Throughput,
+    /// CPU seconds per component during the max-throughput measurement.
+    pub cpu: crate::stack::Cpu,
     pub latency: Latency,
     pub admission: Vec<AdmissionRow>,
     /// Whether this configuration enforces per-tenant limits at all.
@@ -281,6 +283,32 @@ pub fn markdown(r: &Results) -> String {
             others.len(),
             crate::stack::BENCH_TIER_HOUR,
             total
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Where the CPU goes\n\nCPU time per component during the max-throughput measurement, in \
+         microseconds per request (user + system, all threads; from /proc/<pid>/stat):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| configuration | Envoy | demo upstream | quota service | Redis | load generator | total | cores busy |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for m in &r.main {
+        let n = m.throughput.counts.answered().max(1) as f64;
+        let us = |v: f64| v * 1e6 / n;
+        let c = &m.cpu;
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            m.mode.short(),
+            us(c.envoy),
+            us(c.upstream),
+            us(c.service),
+            us(c.redis),
+            us(c.load_generator),
+            us(c.total()),
+            c.total() / m.throughput.seconds.max(0.001)
         );
     }
     let _ = writeln!(

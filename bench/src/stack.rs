@@ -161,6 +161,58 @@ impl Stack {
     }
 }
 
+/// CPU seconds (user + system) each component has used so far.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Cpu {
+    pub envoy: f64,
+    pub upstream: f64,
+    pub service: f64,
+    pub redis: f64,
+    pub load_generator: f64,
+}
+
+impl Cpu {
+    /// `self - earlier`, component by component.
+    pub fn since(&self, earlier: &Cpu) -> Cpu {
+        Cpu {
+            envoy: self.envoy - earlier.envoy,
+            upstream: self.upstream - earlier.upstream,
+            service: self.service - earlier.service,
+            redis: self.redis - earlier.redis,
+            load_generator: self.load_generator - earlier.load_generator,
+        }
+    }
+
+    pub fn total(&self) -> f64 {
+        self.envoy + self.upstream + self.service + self.redis + self.load_generator
+    }
+}
+
+impl Stack {
+    pub fn cpu(&mut self) -> Cpu {
+        Cpu {
+            envoy: cpu_secs(&self.envoy.process().pid().to_string()),
+            upstream: cpu_secs(&self.upstream.pid().to_string()),
+            service: self.service.as_ref().map_or(0.0, |s| cpu_secs(&s.pid().to_string())),
+            redis: self._redis.as_ref().and_then(Redis::pid).map_or(0.0, |p| cpu_secs(&p.to_string())),
+            load_generator: cpu_secs("self"),
+        }
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds (all threads).
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / if hz > 0.0 { hz } else { 100.0 }
+}
+
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

@@ -181,13 +181,15 @@ end
 /// ARGV[13] usage rollup prefix   sluice:{t:<tenant>}:u:
 /// ARGV[14] usage retention in seconds (the rollup lives this long after its day)
 /// ARGV[15] 1 when the route is in shadow mode, else 0
-/// ARGV[16..] route windows as pairs: window name, limit
+/// ARGV[16] lease units wanted on top of the cost (0 = no lease)
+/// ARGV[17..] route windows as pairs: window name, limit
 /// returns  {allowed 0|1, tier, reservation id ("" = none),
 ///           storage used, storage limit (-1 = not checked), storage exceeded 0|1,
 ///           n, then n times:
 ///           window, kind (0 tier, 1 route, 2 tokens), limit, used, remaining,
-///           reset, reset_in, exceeded 0|1,
-///           then shadow 0|1, reserved pool ('' for none), day id, cost charged}
+///           reset, reset_in, exceeded 0|1, window id,
+///           then shadow 0|1, reserved pool ('' for none), day id, cost charged,
+///           lease units, lease valid ms}
 ///          tier windows first (hour, day, month), then route windows in
 ///          order, then token windows (hour, month).
 /// ```
@@ -207,6 +209,18 @@ end
 /// nothing, no counter exists without its TTL (window end + 60 s), a token
 /// reservation exists exactly when its tokens were counted, and the day's
 /// usage rollup agrees with the decisions exactly.
+///
+/// Leases: when admitted, ARGV[16] > 0, no tokens are counted and neither
+/// the tenant nor the route is in shadow mode, the script also charges a
+/// lease of `lease units` (a multiple of the charged cost, at most ARGV[16],
+/// at most a quarter of the smallest room left in any unit window after this
+/// request, so leases shrink to nothing near the limit and several Envoys
+/// racing for the last units leave some for each other) in the same INCRBY.
+/// Its units are spent before they exist anywhere else, so a lease can never
+/// over-admit. `lease valid ms` is the time to the earliest reset of a
+/// charged window (a lease is never spent in a window it was not charged
+/// to). The rollup's `cost` counts the lease when granted; LEASE_RETURN
+/// takes back what was not spent.
 pub const CHECK: &str = concat!(
     lua_prelude!(),
     r#"
@@ -230,7 +244,8 @@ for _, name in ipairs(WINDOWS) do
       kind = 0, amount = cost, limit = limit, reset = w[name].reset})
   end
 end
-local i = 16
+local want = tonumber(ARGV[16]) or 0
+local i = 17
 while ARGV[i] do
   local name = ARGV[i]
   table.insert(checks, {key = ARGV[6] .. name .. ':' .. w[name].id, name = name,
@@ -262,21 +277,51 @@ if ARGV[11] ~= '' and storage_quota then
     allowed = 0
   end
 end
-for _, c in ipairs(checks) do
-  c.used = tonumber(redis.call('GET', c.key) or '0') or 0
-  c.exceeded = 0
-  if c.used + c.amount > c.limit then
-    c.exceeded = 1
-    allowed = 0
+-- One MGET reads every counter.
+if #checks > 0 then
+  local keys = {}
+  for n, c in ipairs(checks) do keys[n] = c.key end
+  local values = redis.call('MGET', unpack(keys))
+  for n, c in ipairs(checks) do
+    c.used = tonumber(values[n] or '0') or 0
+    c.exceeded = 0
+    if c.used + c.amount > c.limit then
+      c.exceeded = 1
+      allowed = 0
+    end
   end
 end
+local shadow = 0
+if cfg['shadow'] == '1' or ARGV[15] == '1' then shadow = 1 end
 local rid = ''
 local day_key = ARGV[13] .. w.day.id
+local lease, valid_ms = 0, 0
 if allowed == 1 then
-  for _, c in ipairs(checks) do
-    c.used = redis.call('INCRBY', c.key, c.amount)
-    redis.call('EXPIRE', c.key, c.reset - s + 60)
+  if want > 0 and #token_windows == 0 and shadow == 0 then
+    local room = want
+    for _, c in ipairs(checks) do
+      local left = math.floor((c.limit - c.used - c.amount) / 4)
+      if left < room then room = left end
+    end
+    lease = math.floor(room / cost) * cost
+    if lease < 0 then lease = 0 end
   end
+  valid_ms = -1
+  for _, c in ipairs(checks) do
+    if c.kind ~= 2 then c.amount = c.amount + lease end
+    c.used = redis.call('INCRBY', c.key, c.amount)
+    -- Counters only grow here (a lease return never removes a key, a
+    -- refund keeps it), so a result equal to the amount means this INCRBY
+    -- created the key: it gets its expiry in this same step.
+    if c.used == c.amount then
+      redis.call('EXPIRE', c.key, c.reset - s + 60)
+    end
+    if c.kind ~= 2 then
+      local until_reset = c.reset * 1000 - ms
+      if valid_ms < 0 or until_reset < valid_ms then valid_ms = until_reset end
+    end
+  end
+  if valid_ms < 0 then valid_ms = 0 end
   if #token_windows > 0 then
     local ttl = tonumber(ARGV[12])
     rid = tostring(redis.call('INCR', ARGV[10]))
@@ -293,11 +338,9 @@ if allowed == 1 then
   end
 end
 
-local shadow = 0
-if cfg['shadow'] == '1' or ARGV[15] == '1' then shadow = 1 end
 if allowed == 1 then
   redis.call('HINCRBY', day_key, 'admitted', 1)
-  redis.call('HINCRBY', day_key, 'cost', cost)
+  redis.call('HINCRBY', day_key, 'cost', cost + lease)
 elseif shadow == 1 then
   redis.call('HINCRBY', day_key, 'shadow_denied', 1)
 else
@@ -310,16 +353,50 @@ for _, c in ipairs(checks) do
   local remaining = c.limit - c.used
   if remaining < 0 then remaining = 0 end
   for _, v in ipairs({c.name, c.kind, c.limit, c.used, remaining, c.reset, reset_in(c.reset, ms),
-      c.exceeded}) do
+      c.exceeded, w[c.name].id}) do
     table.insert(out, v)
   end
 end
-for _, v in ipairs({shadow, pick_pool(cfg, tier_def), w.day.id, cost}) do
+for _, v in ipairs({shadow, pick_pool(cfg, tier_def), w.day.id, cost, lease, valid_ms}) do
   table.insert(out, v)
 end
 return out
 "#
 );
+
+/// Gives back what a lease did not spend, and books what it did (see [`CHECK`]).
+///
+/// ```text
+/// KEYS[1]     the tenant's usage rollup of the grant's day: sluice:{t:<tenant>}:u:<YYYYMMDD>
+/// KEYS[2..n]  the counters the lease was charged to, all of the same tenant
+///             (one hash tag, one slot): sluice:{t:<tenant>}:q:<window>:<id>
+///             or sluice:{t:<tenant>}:r:<policy>:<window>:<id>
+/// ARGV[1]     units to give back (0..)
+/// ARGV[2]     requests admitted from the lease
+/// returns     units actually given back to the first counter
+/// ```
+/// Why atomic: every counter of the lease is lowered together, never below
+/// 0, a counter whose window is over (expired) is not recreated, and the
+/// rollup moves with them: `admitted` gains the lease's requests, `cost`
+/// loses the units given back. A rollup that no longer exists is left alone
+/// (no key without its expiry). DECRBY and HINCRBY keep a key's TTL.
+pub const LEASE_RETURN: &str = r#"
+local units = tonumber(ARGV[1]) or 0
+local spent = tonumber(ARGV[2]) or 0
+local first = 0
+for n = 2, #KEYS do
+  local v = tonumber(redis.call('GET', KEYS[n]) or '0') or 0
+  local d = units
+  if d > v then d = v end
+  if d > 0 then redis.call('DECRBY', KEYS[n], d) end
+  if n == 2 then first = d end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if spent > 0 then redis.call('HINCRBY', KEYS[1], 'admitted', spent) end
+  if first > 0 then redis.call('HINCRBY', KEYS[1], 'cost', -first) end
+end
+return first
+"#;
 
 /// Replaces a token reservation with the real usage. One EVALSHA per report.
 ///

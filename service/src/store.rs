@@ -28,7 +28,7 @@ use sluice_wire::Window;
 use sluice_wire::{StorageState, UsageAnswer};
 
 use crate::config::{ServeConfig, LIMITS, RESERVATION_TTL_S};
-use crate::decision::{RowKind, ScriptDecision, ValidCheck, ValidUsage, WindowRow};
+use crate::decision::{RowKind, ScriptDecision, ValidCheck, ValidReturn, ValidUsage, WindowRow};
 use crate::tiers::TiersSnapshot;
 use crate::{keys, scripts};
 
@@ -157,6 +157,7 @@ pub struct Store {
     audit_append: Script,
     tiers_seed: Script,
     tiers_write: Script,
+    lease_return: Script,
     redis_seconds: Option<HistogramVec>,
 }
 
@@ -198,6 +199,7 @@ impl Store {
             audit_append: Script::new(scripts::AUDIT_APPEND),
             tiers_seed: Script::new(scripts::TIERS_SEED),
             tiers_write: Script::new(scripts::TIERS_WRITE),
+            lease_return: Script::new(scripts::LEASE_RETURN),
             redis_seconds: None,
         })
     }
@@ -273,13 +275,28 @@ impl Store {
             .arg(RESERVATION_TTL_S)
             .arg(keys::usage_prefix(&c.tenant))
             .arg(usage_ttl_s)
-            .arg(u8::from(c.shadow));
+            .arg(u8::from(c.shadow))
+            .arg(c.lease_want);
         for rl in &c.route_limits {
             inv.arg(rl.window.as_str()).arg(rl.limit);
         }
         let mut conn = self.conn.clone();
         let reply: Value = self.bounded("check", inv.invoke_async(&mut conn)).await?;
         parse_check(reply)
+    }
+
+    /// Gives the unspent units of one lease back to its counters and books
+    /// its spent requests; returns the units given back.
+    pub async fn lease_return(&self, r: &ValidReturn) -> Result<u64, StoreError> {
+        let mut inv = self.lease_return.prepare_invoke();
+        inv.key(&r.rollup);
+        for key in &r.keys {
+            inv.key(key);
+        }
+        inv.arg(r.units).arg(r.spent);
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("lease_return", inv.invoke_async(&mut conn)).await?;
+        as_u64(&reply)
     }
 
     /// Reads a tenant's tier, every limit with its source, and current usage.
@@ -577,6 +594,7 @@ impl Store {
             &self.tenant_update,
             &self.report,
             &self.audit_append,
+            &self.lease_return,
         ] {
             self.bounded("load", script.prepare_invoke().load_async(&mut conn))
                 .await?;
@@ -683,12 +701,15 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
             reset: as_u64(f.next()?)?,
             reset_in: as_u64(f.next()?)?,
             exceeded: as_int(f.next()?)? == 1,
+            window_id: as_text(f.next()?)?,
         });
     }
     let shadow = as_int(f.next()?)? == 1;
     let pool = as_text(f.next()?)?;
     let day = as_text(f.next()?)?;
     let cost = as_u64(f.next()?)?;
+    let lease_units = as_u64(f.next()?)?;
+    let lease_valid_ms = as_u64(f.next()?)?;
     Ok(ScriptDecision {
         allowed,
         tier,
@@ -703,6 +724,8 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
         pool: (!pool.is_empty()).then_some(pool),
         day,
         cost,
+        lease_units,
+        lease_valid_ms,
     })
 }
 

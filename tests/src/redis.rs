@@ -48,6 +48,11 @@ impl Redis {
         self.port
     }
 
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(ChildProc::pid)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
