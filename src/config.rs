@@ -4,6 +4,7 @@
 //! serde's type errors do not.
 
 use crate::cost::{self, CostRules};
+use crate::lease::{self, LeaseConfig};
 use hashbrown::HashMap;
 use serde_json::{Map, Value};
 use sluice_wire::{is_valid_policy_name, RouteLimit, Window};
@@ -37,6 +38,8 @@ pub struct Policy {
     pub shadow: bool,
     /// Report the upstream latency of admitted requests to the service.
     pub report_latency: bool,
+    /// Quota leases for this route (`None`: every request is checked).
+    pub lease: Option<LeaseConfig>,
 }
 
 /// What a policy inherits from the top level.
@@ -59,6 +62,8 @@ pub struct CompiledConfig {
     pub unavailable_retry_after_s: u64,
     /// In shadow mode, still put the rate-limit headers on responses.
     pub shadow_headers: bool,
+    /// Size of the shared lease slot table.
+    pub lease_slots: u32,
     exempt_exact: Vec<String>,
     exempt_prefixes: Vec<String>,
     default_policy: Policy,
@@ -109,6 +114,7 @@ const TOP_FIELDS: &[&str] = &[
     "shadow",
     "shadow_headers",
     "report_latency",
+    "lease_slots",
 ];
 const POLICY_FIELDS: &[&str] = &[
     "name",
@@ -122,6 +128,7 @@ const POLICY_FIELDS: &[&str] = &[
     "upload",
     "shadow",
     "report_latency",
+    "lease",
 ];
 
 /// Parses and validates the plugin configuration.
@@ -168,6 +175,13 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         report_latency: opt_bool(top, "report_latency", "report_latency")?.unwrap_or(false),
     };
     let shadow_headers = opt_bool(top, "shadow_headers", "shadow_headers")?.unwrap_or(false);
+    let lease_slots = match opt_number(top, "lease_slots", "lease_slots", u64::from(lease::MAX_SLOTS))? {
+        None => lease::DEFAULT_SLOTS,
+        Some(n) if n < u64::from(lease::MIN_SLOTS) => {
+            return err("lease_slots", format!("must be at least {}", lease::MIN_SLOTS))
+        }
+        Some(n) => u32::try_from(n).unwrap_or(lease::MAX_SLOTS),
+    };
 
     let mut exempt_exact = Vec::new();
     let mut exempt_prefixes = Vec::new();
@@ -210,6 +224,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
             upload: false,
             shadow: inherited.shadow,
             report_latency: inherited.report_latency,
+            lease: None,
         },
     };
 
@@ -263,6 +278,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         tenant_header,
         unavailable_retry_after_s,
         shadow_headers,
+        lease_slots,
         exempt_exact,
         exempt_prefixes,
         default_policy,
@@ -317,7 +333,43 @@ fn parse_policy(v: &Value, path: &str, inherited: Inherited) -> Result<Policy, C
     if exempt && (cost_rules.is_some() || upload) {
         return err(&format!("{path}.exempt"), "an exempt policy counts nothing: drop cost_rules and upload");
     }
-    Ok(Policy { name, cost, failure_mode, exempt, limits, cost_rules, upload, shadow, report_latency })
+    let lease = match o.get("lease") {
+        None => None,
+        Some(v) => {
+            let lpath = format!("{path}.lease");
+            let lo = as_object(v, &lpath)?;
+            check_known(lo, &["max_units", "ttl_ms"], &lpath)?;
+            let max_units = opt_positive(lo, "max_units", &format!("{lpath}.max_units"), lease::MAX_MAX_UNITS)?
+                .unwrap_or(lease::DEFAULT_MAX_UNITS);
+            let ttl_ms = match opt_number(lo, "ttl_ms", &format!("{lpath}.ttl_ms"), lease::MAX_TTL_MS)? {
+                None => lease::DEFAULT_TTL_MS,
+                Some(t) if t < lease::MIN_TTL_MS => {
+                    return err(&format!("{lpath}.ttl_ms"), format!("must be at least {}", lease::MIN_TTL_MS))
+                }
+                Some(t) => t,
+            };
+            if max_units < cost.saturating_mul(2) {
+                return err(
+                    &format!("{lpath}.max_units"),
+                    format!("must be at least twice the cost ({}): a smaller lease never covers a second request", cost),
+                );
+            }
+            Some(LeaseConfig { max_units, ttl_ms })
+        }
+    };
+    if lease.is_some() {
+        // A lease is spent per request at a cost known in advance; these
+        // routes price, reserve or forward each request on its own.
+        for (on, field) in [(cost_rules.is_some(), "cost_rules"), (upload, "upload"), (shadow, "shadow")] {
+            if on {
+                return err(&format!("{path}.lease"), format!("a leasing route can not also have {field}"));
+            }
+        }
+        if exempt {
+            return err(&format!("{path}.lease"), "an exempt policy counts nothing: drop lease");
+        }
+    }
+    Ok(Policy { name, cost, failure_mode, exempt, limits, cost_rules, upload, shadow, report_latency, lease })
 }
 
 fn opt_bool(o: &Map<String, Value>, key: &str, field: &str) -> Result<Option<bool>, ConfigError> {
@@ -440,6 +492,15 @@ impl CompiledConfig {
     pub fn default_policy(&self) -> &Policy {
         &self.default_policy
     }
+
+    /// The shortest lease lifetime of any policy, if any policy leases.
+    pub fn shortest_lease_ttl_ms(&self) -> Option<u64> {
+        self.policies
+            .iter()
+            .chain(std::iter::once(&self.default_policy))
+            .filter_map(|p| p.lease.map(|l| l.ttl_ms))
+            .min()
+    }
 }
 
 #[cfg(test)]
@@ -512,6 +573,27 @@ mod tests {
         assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a","shadow":1}]}"#).field, "policies[0].shadow");
         let plain = compile(br#"{"quota_cluster":"q"}"#).unwrap();
         assert!(!plain.default_policy().shadow && !plain.shadow_headers && !plain.default_policy().report_latency);
+    }
+
+    #[test]
+    fn leases_are_off_unless_configured_and_their_bounds_are_checked() {
+        let c = compile(br#"{"quota_cluster":"q"}"#).unwrap();
+        assert_eq!(c.default_policy().lease, None);
+        assert_eq!(c.lease_slots, 4096);
+        assert_eq!(c.shortest_lease_ttl_ms(), None);
+        let c = compile(br#"{"quota_cluster":"q","lease_slots":64,"default_policy":{"lease":{}},
+            "policies":[{"name":"hot","path_prefix":"/hot/","cost":2,"lease":{"max_units":10,"ttl_ms":200}}]}"#).unwrap();
+        assert_eq!(c.default_policy().lease, Some(LeaseConfig { max_units: 100, ttl_ms: 1000 }));
+        assert_eq!(c.select("/hot/x", None, None).lease, Some(LeaseConfig { max_units: 10, ttl_ms: 200 }));
+        assert_eq!(c.lease_slots, 64);
+        assert_eq!(c.shortest_lease_ttl_ms(), Some(200));
+        assert_eq!(bad(r#"{"quota_cluster":"q","lease_slots":8}"#).field, "lease_slots");
+        assert_eq!(bad(r#"{"quota_cluster":"q","lease_slots":100000}"#).field, "lease_slots");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"lease":{"ttl_ms":10}}}"#).field, "default_policy.lease.ttl_ms");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"lease":{"max_units":0}}}"#).field, "default_policy.lease.max_units");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"cost":5,"lease":{"max_units":9}}}"#).field, "default_policy.lease.max_units");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"lease":{"size":9}}}"#).field, "default_policy.lease.size");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"lease":true}}"#).field, "default_policy.lease");
     }
 
     #[test]

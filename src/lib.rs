@@ -9,6 +9,7 @@
 //! - [`tenant`]: tenant id rules (pure).
 //! - [`decision`]: callout answer -> admit / local reply, and every header
 //!   and body the client sees (pure).
+//! - [`lease`]: quota leases: the shared slot entry, spending, lease size (pure).
 //! - [`pairs`]: panic-free decoding of proxy-wasm header maps (pure).
 //! - `filter` (wasm32 only): the proxy-wasm adapter; one small state machine
 //!   per request, advanced by host callbacks.
@@ -20,6 +21,7 @@
 pub mod config;
 pub mod cost;
 pub mod decision;
+pub mod lease;
 pub mod pairs;
 pub mod tenant;
 pub mod usage;
