@@ -200,8 +200,8 @@ fn admit_with(windows: &[WindowState], pool: Option<String>) -> Outcome {
 /// The five rate-limit fields for a decision. The X- fields describe the
 /// binding window; the IETF fields list every window.
 pub fn rate_limit_headers(windows: &[WindowState], binding: &WindowState) -> Headers {
-    let mut policy = String::new();
-    let mut state = String::new();
+    let mut policy = String::with_capacity(48 * windows.len());
+    let mut state = String::with_capacity(40 * windows.len());
     for (i, w) in windows.iter().enumerate() {
         let sep = if i == 0 { "" } else { ", " };
         let _ = write!(policy, "{sep}\"{}\";q={};w={}", w.name, w.limit, w.window.nominal_secs());

@@ -94,6 +94,11 @@ pub fn bench_plugin_config(mode: Mode) -> Value {
         if mode == Mode::Lease {
             o.insert("default_policy".into(), json!({"cost": 1, "lease": {"max_units": 64}}));
         }
+        // Diagnostic (`SLUICE_BENCH_NO_POLICIES=1`): without route policies the
+        // filter reads no route name or metadata property.
+        if std::env::var_os("SLUICE_BENCH_NO_POLICIES").is_some() {
+            o.remove("policies");
+        }
     }
     c
 }
