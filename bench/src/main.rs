@@ -150,6 +150,7 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
     let target = Target::new(stack.envoy.listener_addr(), &opts.path, tenants);
     let rss_before = stack.envoy_rss_kib();
     let _ = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs_f64(opts.warmup_secs));
+    let callouts_before = callouts(stack);
     let cpu_before = stack.cpu();
     let throughput = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs_f64(opts.throughput_secs));
     let cpu = stack.cpu().since(&cpu_before);
@@ -176,9 +177,18 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
         enforced: stack.mode.is_sluice(),
         failed_open: stack.filter_counter("sluice.failed_open"),
         failed_closed: stack.filter_counter("sluice.failed_closed"),
-        callouts: if stack.mode.is_sluice() { stack.envoy.stat("cluster.sluice_quota.upstream_rq_total") } else { 0 },
+        callouts: callouts(stack).saturating_sub(callouts_before),
         envoy_rss_kib_before: rss_before,
         envoy_rss_kib_after: stack.envoy_rss_kib(),
+    }
+}
+
+/// Callouts Envoy has made to the quota cluster (0 without Sluice).
+fn callouts(stack: &Stack) -> u64 {
+    if stack.mode.is_sluice() {
+        stack.envoy.stat("cluster.sluice_quota.upstream_rq_total")
+    } else {
+        0
     }
 }
 
