@@ -108,7 +108,7 @@ pub async fn run_demo_upstream(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "demo upstream listening");
     }
-    axum::serve(listener, router())
+    axum::serve(crate::nodelay(listener), router())
         .with_graceful_shutdown(shutdown)
         .await
 }

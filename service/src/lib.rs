@@ -65,6 +65,22 @@ impl std::fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
+/// Turns off Nagle's algorithm on every accepted connection. hyper writes
+/// an h2 answer as several small frames; with Nagle on, a frame can wait for
+/// the peer's delayed ACK (up to 40 ms on Linux) whenever the connection is
+/// not busy enough to carry ACKs along, which is exactly the case of a
+/// quota cluster seeing only lease renewals.
+pub fn nodelay(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("could not set TCP_NODELAY: {e}");
+        }
+    })
+}
+
 /// The service's router over a lazily connected Redis, for embedding and tests.
 /// Inside a tokio runtime it also starts the tiers refresher, which stops
 /// when the last handle to the state is dropped.
@@ -102,7 +118,7 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "quota service listening");
     }
-    axum::serve(listener, router)
+    axum::serve(nodelay(listener), router)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(RunError::Io)?;
