@@ -130,4 +130,19 @@ fn lease_size_shrinks_to_a_check_per_request_near_the_limit_and_headers_stay_exa
     assert_eq!(s.admitted("near"), 40);
     assert!(callout_made.iter().any(|c| !c), "some requests were admitted from a lease: {callout_made:?}");
     assert!(callout_made.iter().rev().take(3).all(|c| *c), "the last units are checked one by one: {callout_made:?}");
+
+    // Over the limit, the denial is kept in the lease table: more requests
+    // get the same 429 from Envoy without asking the service.
+    let before = s.callouts();
+    for _ in 0..5 {
+        let r = s.get("/v1/models", "near");
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(header_u64(&r, "x-ratelimit-remaining"), 0);
+        assert_eq!(r.json()["error"], "quota_exceeded");
+        let retry_after = header_u64(&r, "retry-after");
+        assert!((1..=3600).contains(&retry_after), "Retry-After {retry_after}");
+    }
+    assert_eq!(s.callouts(), before, "kept denials make no callout");
+    assert!(s.envoy.filter_counter("sluice.lease_denied") >= 5);
+    assert_eq!(s.admitted("near"), 40);
 }
