@@ -259,7 +259,9 @@ pub fn markdown(r: &Results) -> String {
          reject during the run (10,000,000 tokens/s): the cost of the cheapest limiter, not of its 429s. \
          It is not per tenant and counts nothing across workers or Envoys. The Sluice modes run fail-closed \
          with a 2 s callout timeout, so a decision that does not come back is a 503, never an uncounted \
-         admission. The capped tenants' 429s are part of each Sluice run ({} of {} tenants).\n",
+         admission. The capped tenants' 429s are part of each Sluice run ({} of {} tenants). (c) and (d) use the \
+         shipped plugin config (`envoy/envoy.yaml`); (d) adds `\"lease\": {{\"max_units\": 64}}` (ttl 1000 ms) to its \
+         default policy.\n",
         crate::CAPPED.len(),
         st.tenants
     );
