@@ -19,17 +19,6 @@ fn lease_config(max_units: u64, ttl_ms: u64) -> Value {
     }))
 }
 
-/// Checks the service has answered (`sluice_checks_total`, every result):
-/// unlike Envoy's quota cluster counters, lease returns are not in it.
-fn checks(service: &Service) -> u64 {
-    service
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with("sluice_checks_total{"))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum::<f64>() as u64
-}
-
 /// The tenant's hour counter as the service reports it.
 fn counted(service: &Service, tenant: &str) -> u64 {
     let r = service.admin("GET", &format!("/v1/admin/tenants/{tenant}"), None);
@@ -143,13 +132,13 @@ fn lease_size_shrinks_to_a_check_per_request_near_the_limit_and_headers_stay_exa
     s.set_limits("near", json!({"hour": 40}));
     let mut callout_made = Vec::new();
     loop {
-        let before = checks(&s.service);
+        let before = s.callouts();
         let r = s.get("/v1/models", "near");
         if r.status == 429 {
             break;
         }
         assert_eq!(r.status, 200, "{}", r.text());
-        callout_made.push(checks(&s.service) > before);
+        callout_made.push(s.callouts() > before);
         let admitted = callout_made.len() as u64;
         assert!(admitted <= 40, "past the limit");
         // One client alone: the remaining it is told is exact, lease or not.
@@ -163,7 +152,7 @@ fn lease_size_shrinks_to_a_check_per_request_near_the_limit_and_headers_stay_exa
 
     // Over the limit, the denial is kept in the lease table: more requests
     // get the same 429 from Envoy without asking the service.
-    let before = checks(&s.service);
+    let before = s.callouts();
     for _ in 0..5 {
         let r = s.get("/v1/models", "near");
         assert_eq!(r.status, 429, "{}", r.text());
@@ -172,7 +161,7 @@ fn lease_size_shrinks_to_a_check_per_request_near_the_limit_and_headers_stay_exa
         let retry_after = header_u64(&r, "retry-after");
         assert!((1..=3600).contains(&retry_after), "Retry-After {retry_after}");
     }
-    assert_eq!(checks(&s.service), before, "kept denials make no check");
+    assert_eq!(s.callouts(), before, "kept denials make no callout");
     assert!(s.envoy.filter_counter("sluice.lease_denied") >= 5);
     assert_eq!(s.admitted("near"), 40);
 }
