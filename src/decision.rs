@@ -5,9 +5,10 @@
 //! request gets exactly the answers a direct one would).
 
 use crate::config::FailureMode;
+use crate::lease;
 use serde_json::{json, Value};
 use sluice_wire::reply::{self, Reply};
-use sluice_wire::{is_valid_policy_name, CheckResponse, QueueTicket, Reason};
+use sluice_wire::{is_valid_policy_name, CheckResponse, QueueTicket, Reason, WindowState};
 
 pub use sluice_wire::reply::{rate_limit_headers, Headers, OWNED_RESPONSE_HEADERS};
 
@@ -120,6 +121,19 @@ pub fn decide(resp: &CheckResponse, route_shadow: bool, shadow_headers: bool, ca
         return Outcome::Admit { headers, pool, shadow_denied: !resp.allowed };
     }
     if resp.allowed {
+        if let Some(lease) = resp.lease.as_ref().filter(|l| l.units > 0) {
+            // The lease's units are counted as used in the answer but are
+            // still this tenant's to spend: show them as remaining.
+            let windows: Vec<WindowState> = resp
+                .windows
+                .iter()
+                .map(|w| {
+                    let remaining = w.remaining.saturating_add(lease.units).min(w.limit);
+                    WindowState { remaining, used: w.limit - remaining, ..w.clone() }
+                })
+                .collect();
+            return admit_with(&windows, pool);
+        }
         return Outcome::Admit { headers, pool, shadow_denied: false };
     }
     if let Some(ticket) = &resp.queue {
@@ -154,6 +168,51 @@ fn from_reply(r: Option<Reply>) -> Outcome {
             &json!({"error": "quota_exceeded", "message": "tenant quota exceeded"}),
         ),
     }
+}
+
+/// An admission from a lease in the slot table (no callout): headers from
+/// the lease's snapshot (see [`lease::window_states`] for their precision),
+/// routed to the tenant's reserved pool as the grant was.
+pub fn admit_from_lease(entry: &lease::Entry, now_ms: u64) -> Outcome {
+    let pool = Some(entry.pool.clone()).filter(|p| sluice_wire::is_valid_policy_name(p));
+    admit_with(&lease::window_states(entry, now_ms), pool)
+}
+
+/// A 429 answered from a kept denial (no callout): the same headers and
+/// body the service's denial gives, with the times counted from now. The
+/// binding window is the exceeded one (room below the cost) that resets last.
+pub fn deny_from_lease(entry: &lease::Entry, cost: u64, now_ms: u64) -> Outcome {
+    let windows = lease::window_states(entry, now_ms);
+    let binding = windows
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.remaining < cost)
+        .max_by_key(|(i, w)| (w.reset, std::cmp::Reverse(*i)))
+        .map_or(0, |(i, _)| i);
+    let retry_after = windows.get(binding).map(|w| w.reset_in);
+    let resp = CheckResponse {
+        allowed: false,
+        tier: entry.tier.clone(),
+        windows,
+        binding,
+        retry_after,
+        reservation: None,
+        storage: None,
+        shadow: false,
+        reserved_pool: None,
+        reason: Some(Reason::Quota),
+        queue: None,
+        lease: None,
+    };
+    decide(&resp, false, false, false)
+}
+
+fn admit_with(windows: &[WindowState], pool: Option<String>) -> Outcome {
+    let headers = match windows.get(lease::admitted_binding(windows)) {
+        Some(binding) => rate_limit_headers(windows, binding),
+        None => Vec::new(),
+    };
+    Outcome::Admit { headers, pool, shadow_denied: false }
 }
 
 /// The route's failure mode, applied when no decision could be had.
@@ -238,6 +297,7 @@ mod tests {
             reserved_pool: None,
             reason: None,
             queue: None,
+            lease: None,
         };
         let Outcome::Admit { headers, pool, shadow_denied } = decide(&resp, false, false, true) else { panic!("not admitted") };
         assert_eq!((pool, shadow_denied), (None, false));
@@ -247,6 +307,68 @@ mod tests {
         assert_eq!(header(&headers, "ratelimit-policy"), [r#""hour";q=100;w=3600, "day";q=1000;w=86400"#]);
         assert_eq!(header(&headers, "ratelimit"), [r#""hour";r=1;t=600, "day";r=901;t=7200"#]);
         assert!(header(&headers, "retry-after").is_empty());
+    }
+
+    #[test]
+    fn an_admission_with_a_lease_shows_the_leased_units_as_remaining() {
+        let resp = CheckResponse {
+            allowed: true,
+            tier: "free".into(),
+            windows: vec![win("hour", Window::Hour, 100, 60, 600), win("day", Window::Day, 1000, 60, 7200)],
+            binding: 0,
+            retry_after: None,
+            reservation: None,
+            storage: None,
+            shadow: false,
+            reserved_pool: None,
+            reason: None,
+            queue: None,
+            lease: Some(sluice_wire::LeaseGrant {
+                units: 20,
+                unit_cost: 1,
+                day: "20260102".into(),
+                valid_ms: 600_000,
+                charged: vec!["q:hour:2026010203".into()],
+            }),
+        };
+        let Outcome::Admit { headers, .. } = decide(&resp, false, false, true) else { panic!("not admitted") };
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), ["60"]);
+        assert_eq!(header(&headers, "ratelimit"), [r#""hour";r=60;t=600, "day";r=960;t=7200"#]);
+    }
+
+    #[test]
+    fn a_kept_denial_gives_the_same_429_with_times_from_now() {
+        let e = lease::Entry {
+            denied: true,
+            returned: false,
+            id: 1,
+            units_left: 0,
+            expires_at_ms: 0,
+            granted: 0,
+            granted_at_ms: 0,
+            unit_cost: 0,
+            tenant: "t".into(),
+            policy: "default".into(),
+            tier: "free".into(),
+            pool: String::new(),
+            day: "20260102".into(),
+            charged: vec![],
+            windows: vec![
+                lease::WindowSnap { name: "hour".into(), window: Window::Hour, limit: 10, remaining: 0, reset: 3_600 },
+                lease::WindowSnap { name: "day".into(), window: Window::Day, limit: 100, remaining: 90, reset: 86_400 },
+            ],
+        };
+        let Outcome::Reply { status, headers, body } = deny_from_lease(&e, 1, 3_000_000) else { panic!("not a reply") };
+        assert_eq!(status, 429);
+        assert_eq!(header(&headers, "retry-after"), ["600"]);
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((v["window"].as_str(), v["retry_after"].as_u64(), v["tier"].as_str()), (Some("hour"), Some(600), Some("free")));
+        let mut lease_entry = e.clone();
+        lease_entry.denied = false;
+        lease_entry.pool = "gold".into();
+        let Outcome::Admit { pool, shadow_denied, .. } = admit_from_lease(&lease_entry, 3_000_000) else { panic!() };
+        assert_eq!((pool.as_deref(), shadow_denied), (Some("gold"), false));
     }
 
     #[test]
@@ -263,6 +385,7 @@ mod tests {
             reserved_pool: None,
             reason: None,
             queue: None,
+            lease: None,
         };
         let Outcome::Reply { status, headers, body } = decide(&resp, false, false, true) else { panic!("not a reply") };
         assert_eq!(status, 429);
@@ -292,6 +415,7 @@ mod tests {
             reserved_pool: None,
             reason: None,
             queue: None,
+            lease: None,
         };
         let Outcome::Reply { status, headers, .. } = decide(&resp, false, false, true) else { panic!("not a reply") };
         assert_eq!(status, 429);
@@ -313,6 +437,7 @@ mod tests {
             reserved_pool: pool.map(str::to_string),
             reason: None,
             queue: None,
+            lease: None,
         }
     }
 
@@ -329,6 +454,7 @@ mod tests {
             reserved_pool: None,
             reason: Some(Reason::Queued),
             queue: Some(QueueTicket { upstream: "llm".into(), ticket: ticket.into() }),
+            lease: None,
         }
     }
 
@@ -462,6 +588,7 @@ mod tests {
             reserved_pool: None,
             reason: None,
             queue: None,
+            lease: None,
         };
         let Outcome::Reply { status, headers, body } = decide(&resp, false, false, true) else { panic!("not a reply") };
         assert_eq!(status, 413);

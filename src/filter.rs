@@ -17,11 +17,19 @@
 //! lives the answer would land in the request's own callback. Dispatched
 //! from `on_tick`, the callout is registered to the root, which lives as
 //! long as the VM, and its answer comes back to `Root`.
+//!
+//! Quota leases (`lease` routes): a request first looks in its tenant's
+//! slot of the shared lease table and spends from a live lease with
+//! compare-and-swap; a callout's grant (or denial) is stored there by the
+//! request that got it. Each worker's root remembers the leases its requests
+//! stored ([`LeaseBook`]) and, on its tick, takes the expired ones out of the
+//! table and sends what they did not spend back in one callout.
 
 use crate::config::{self, CompiledConfig};
 use crate::cost::{Body, CostRules};
 use crate::decision::{self, CalloutFailure, Outcome, OWNED_RESPONSE_HEADERS};
 use crate::host;
+use crate::lease::{self, Entry, Found, LeaseConfig, WindowSnap};
 use crate::pairs;
 use crate::tenant::{self, TenantError};
 use crate::usage::{self, SseScanner};
@@ -30,10 +38,11 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use sluice_wire::{
-    CheckRequest, QueueTicket, Reason, ReportRequest, UsageReport, CHECK_PATH, POOL_HEADER, QUEUE_HEADER,
+    CheckRequest, CheckResponse, LeaseAsk, LeaseReturn, LeaseReturnRequest, LeaseReturnResponse, QueueTicket, Reason,
+    ReportRequest, UsageReport, CHECK_PATH, LEASE_RETURN_PATH, MAX_LEASE_RETURNS, POOL_HEADER, QUEUE_HEADER,
     REPORT_PATH, TICKET_HEADER, USAGE_PATH,
 };
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -45,7 +54,7 @@ proxy_wasm::main! {{
 }}
 
 /// Envoy stat names (exported with Envoy's `wasmcustom.` prefix).
-const METRIC_NAMES: [&str; 18] = [
+const METRIC_NAMES: [&str; 23] = [
     "sluice.allowed",
     "sluice.denied",
     "sluice.failed_open",
@@ -64,6 +73,11 @@ const METRIC_NAMES: [&str; 18] = [
     "sluice.latency_reports",
     "sluice.queued",
     "sluice.overflow_rejected",
+    "sluice.lease_admitted",
+    "sluice.lease_denied",
+    "sluice.lease_cas_retries",
+    "sluice.lease_units_returned",
+    "sluice.lease_return_errors",
 ];
 
 #[derive(Clone, Copy)]
@@ -86,6 +100,11 @@ enum Metric {
     LatencyReports,
     Queued,
     OverflowRejected,
+    LeaseAdmitted,
+    LeaseDenied,
+    LeaseCasRetries,
+    LeaseUnitsReturned,
+    LeaseReturnErrors,
 }
 
 #[derive(Default)]
@@ -103,8 +122,12 @@ impl Metrics {
     }
 
     fn inc(&self, metric: Metric) {
+        self.add(metric, 1);
+    }
+
+    fn add(&self, metric: Metric, n: u64) {
         if let Some(Some(id)) = self.ids.get(metric as usize) {
-            host::increment(*id);
+            host::increment(*id, n);
         }
     }
 }
@@ -141,6 +164,69 @@ const MAX_OUTBOX: usize = 4096;
 /// Timeout of a usage report callout: nothing waits on it, so it can be long.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A lease this worker stored in the slot table, to report on expiry.
+struct Watch {
+    slot: u32,
+    id: u64,
+    expires_at_ms: u64,
+}
+
+/// Most leases one worker watches, and most returns it holds; past that a
+/// grant is given back at once, and the oldest pending return is dropped
+/// (units lost that way are only ever under-admission, never over).
+const MAX_WATCHED: usize = 8_192;
+const MAX_PENDING_RETURNS: usize = 4_096;
+
+/// Per-worker lease bookkeeping, shared by the root context and its requests.
+#[derive(Default)]
+struct LeaseBook {
+    watched: RefCell<Vec<Watch>>,
+    returns: RefCell<Vec<LeaseReturn>>,
+    /// The batch of the return callout in flight (re-queued if it fails).
+    in_flight: RefCell<Option<(u32, Vec<LeaseReturn>)>>,
+    counter: Cell<u64>,
+}
+
+impl LeaseBook {
+    /// A lease id unique across this Envoy's workers: the host time in ns
+    /// (no two workers store a lease at the same nanosecond in practice)
+    /// mixed with a per-worker counter.
+    fn next_id(&self) -> u64 {
+        let n = self.counter.get().wrapping_add(1);
+        self.counter.set(n);
+        host::now_ns().rotate_left(16) ^ n
+    }
+
+    fn give_back(&self, r: LeaseReturn) {
+        let mut returns = self.returns.borrow_mut();
+        if returns.len() >= MAX_PENDING_RETURNS {
+            let lost = returns.remove(0);
+            log::warn!("lease returns backed up; {} units of {} will not be given back", lost.units, lost.tenant);
+        }
+        returns.push(r);
+    }
+
+    fn watch(&self, w: Watch) -> bool {
+        let mut watched = self.watched.borrow_mut();
+        if watched.len() >= MAX_WATCHED {
+            return false;
+        }
+        watched.push(w);
+        true
+    }
+}
+
+/// What a lease owes the service when it leaves the table.
+fn return_of(e: &Entry) -> LeaseReturn {
+    LeaseReturn {
+        tenant: e.tenant.clone(),
+        units: e.units_left,
+        spent: e.spent_requests(),
+        day: e.day.clone(),
+        charged: e.charged.clone(),
+    }
+}
+
 #[derive(Default)]
 struct Root {
     config: Option<Rc<CompiledConfig>>,
@@ -150,10 +236,16 @@ struct Root {
     reports_in_flight: HashMap<u32, ReportKind>,
     /// Whether `queue_cluster` is set and Envoy knows it (probed at configure).
     can_queue: bool,
+    book: Rc<LeaseBook>,
+    /// The tick period when no report is queued: the lease tick, or none.
+    idle_tick_ms: u64,
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.lease_return_answered(token, body_size) {
+            return;
+        }
         let Some(kind) = self.reports_in_flight.remove(&token) else {
             return;
         };
@@ -174,6 +266,109 @@ impl Context for Root {
     }
 }
 
+impl Root {
+    /// Handles the answer of a lease return callout; false if `token` is not one.
+    fn lease_return_answered(&mut self, token: u32, body_size: usize) -> bool {
+        let batch = {
+            let mut in_flight = self.book.in_flight.borrow_mut();
+            match in_flight.as_ref() {
+                Some((t, _)) if *t == token => in_flight.take().map(|(_, b)| b).unwrap_or_default(),
+                _ => return false,
+            }
+        };
+        let status = host::header(MapType::HttpCallResponseHeaders, ":status");
+        let body = if body_size > 0 && body_size <= decision::MAX_ANSWER_BYTES {
+            host::buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        } else {
+            None
+        };
+        let answer = match (status.as_deref(), body) {
+            (Some(b"200"), Some(b)) => serde_json::from_slice::<LeaseReturnResponse>(&b).ok(),
+            _ => None,
+        };
+        match answer {
+            Some(a) => self.metrics.add(Metric::LeaseUnitsReturned, a.returned),
+            None => {
+                log::warn!("lease return callout failed; retrying on the next tick");
+                self.metrics.inc(Metric::LeaseReturnErrors);
+                for r in batch {
+                    self.book.give_back(r);
+                }
+            }
+        }
+        true
+    }
+
+    /// Takes every watched lease that has expired out of use (CAS-marking
+    /// it returned, so no worker spends it after), then sends what is
+    /// pending in one return callout.
+    fn return_expired(&self, config: &CompiledConfig) {
+        let now = now_ms();
+        let expired: Vec<Watch> = {
+            let mut watched = self.book.watched.borrow_mut();
+            let (expired, live): (Vec<Watch>, Vec<Watch>) = watched.drain(..).partition(|w| w.expires_at_ms <= now);
+            *watched = live;
+            expired
+        };
+        for w in expired {
+            let key = lease::slot_key(w.slot);
+            let mut settled = false;
+            for _ in 0..lease::CAS_ATTEMPTS {
+                let (value, cas) = host::get_shared(&key);
+                let Some(entry) = value.as_deref().and_then(Entry::decode) else {
+                    settled = true;
+                    break;
+                };
+                // Pushed out (its evictor reported it) or already reported.
+                if entry.id != w.id || !entry.owes_return() {
+                    settled = true;
+                    break;
+                }
+                let done = Entry { units_left: 0, returned: true, ..entry.clone() };
+                if host::set_shared(&key, &done.encode(), cas) {
+                    self.book.give_back(return_of(&entry));
+                    settled = true;
+                    break;
+                }
+                self.metrics.inc(Metric::LeaseCasRetries);
+            }
+            if !settled {
+                self.book.watch(w);
+            }
+        }
+        self.send_returns(config);
+    }
+
+    fn send_returns(&self, config: &CompiledConfig) {
+        if self.book.in_flight.borrow().is_some() || self.book.returns.borrow().is_empty() {
+            return;
+        }
+        let batch: Vec<LeaseReturn> = {
+            let mut returns = self.book.returns.borrow_mut();
+            let n = returns.len().min(MAX_LEASE_RETURNS);
+            returns.drain(..n).collect()
+        };
+        let request = LeaseReturnRequest { returns: batch };
+        let Ok(body) = serde_json::to_vec(&request) else { return };
+        let batch = request.returns;
+        let headers = vec![
+            (":method", "POST"),
+            (":path", LEASE_RETURN_PATH),
+            (":authority", config.quota_authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        match hostcalls::dispatch_http_call(&config.quota_cluster, headers, Some(&body), vec![], REPORT_TIMEOUT) {
+            Ok(token) => *self.book.in_flight.borrow_mut() = Some((token, batch)),
+            Err(_) => {
+                self.metrics.inc(Metric::LeaseReturnErrors);
+                for r in batch {
+                    self.book.give_back(r);
+                }
+            }
+        }
+    }
+}
+
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         self.metrics = Rc::new(Metrics::define());
@@ -182,6 +377,14 @@ impl RootContext for Root {
             Ok(c) => {
                 probe_cluster(&c);
                 self.can_queue = probe_queue_cluster(&c);
+                self.idle_tick_ms = 0;
+                if let Some(ttl) = c.shortest_lease_ttl_ms() {
+                    host::create_slots(c.lease_slots, lease::slot_key);
+                    // Expired leases are noticed within a quarter of the
+                    // shortest lifetime (25 ms .. 500 ms).
+                    self.idle_tick_ms = (ttl / 4).clamp(25, 500);
+                    set_tick_period_ms(self.idle_tick_ms);
+                }
                 self.config = Some(Rc::new(c));
                 true
             }
@@ -198,22 +401,30 @@ impl RootContext for Root {
             metrics: Rc::clone(&self.metrics),
             outbox: Rc::clone(&self.outbox),
             can_queue: self.can_queue,
+            book: Rc::clone(&self.book),
             phase: Phase::Start,
             tracker: None,
             latency: None,
+            lease: None,
         }))
     }
 
-    /// Sends every queued usage report, then stops ticking until the next
-    /// report arms it again.
+    /// Sends every queued report, then goes back to the idle tick (none,
+    /// or the lease tick) until the next report arms it again; with leases,
+    /// also takes expired leases back.
     fn on_tick(&mut self) {
         let reports: Vec<(ReportKind, Vec<u8>)> = {
             let mut outbox = self.outbox.borrow_mut();
-            outbox.armed = false;
+            let was_armed = std::mem::replace(&mut outbox.armed, false);
+            if was_armed {
+                set_tick_period_ms(self.idle_tick_ms);
+            }
             outbox.reports.drain(..).collect()
         };
-        host::set_tick_period(Duration::ZERO);
         let Some(config) = self.config.clone() else { return };
+        if self.idle_tick_ms > 0 {
+            self.return_expired(&config);
+        }
         for (kind, body) in reports {
             let headers = vec![
                 (":method", "POST"),
@@ -331,9 +542,19 @@ struct Request {
     metrics: Rc<Metrics>,
     outbox: Rc<RefCell<Outbox>>,
     can_queue: bool,
+    book: Rc<LeaseBook>,
     phase: Phase,
     tracker: Option<Tracker>,
     latency: Option<PendingLatency>,
+    /// Set when the route leases: where to store what the callout answers.
+    lease: Option<LeaseSlot>,
+}
+
+struct LeaseSlot {
+    slot: u32,
+    tenant: String,
+    policy: String,
+    config: LeaseConfig,
 }
 
 impl Request {
@@ -537,11 +758,42 @@ impl Request {
             can_queue: self.can_queue && policy.upstream.is_some(),
             on_quota_exceeded: policy.on_quota_exceeded,
             max_wait_ms: policy.max_wait_ms,
+            lease: None,
         };
         // A route in shadow mode never blocks, not even when the service is down.
         let failure_mode = if policy.shadow { config::FailureMode::Open } else { policy.failure_mode };
         if policy.report_latency {
             self.latency = Some(PendingLatency { tenant: tenant.to_string(), forwarded_at: None });
+        }
+        let mut request = request;
+        if let Some(lcfg) = policy.lease {
+            let now = now_ms();
+            let slot = lease::slot_of(tenant, &policy.name, config.lease_slots);
+            let key = lease::slot_key(slot);
+            for _ in 0..lease::CAS_ATTEMPTS {
+                let (value, cas) = host::get_shared(&key);
+                match lease::on_request(value.as_deref(), tenant, &policy.name, policy.cost, now, &lcfg) {
+                    Found::Spend { new_value, entry } => {
+                        if host::set_shared(&key, &new_value, cas) {
+                            self.metrics.inc(Metric::Allowed);
+                            self.metrics.inc(Metric::LeaseAdmitted);
+                            return self.finish(decision::admit_from_lease(&entry, now));
+                        }
+                        // Another worker changed the slot first: look again.
+                        self.metrics.inc(Metric::LeaseCasRetries);
+                    }
+                    Found::Deny { entry } => {
+                        self.metrics.inc(Metric::Denied);
+                        self.metrics.inc(Metric::LeaseDenied);
+                        return self.finish(decision::deny_from_lease(&entry, entry.unit_cost.max(policy.cost), now));
+                    }
+                    Found::Callout { want } => {
+                        request.lease = (want > 0).then_some(LeaseAsk { want });
+                        break;
+                    }
+                }
+            }
+            self.lease = Some(LeaseSlot { slot, tenant: tenant.to_string(), policy: policy.name.clone(), config: lcfg });
         }
         if let Some(rules) = &policy.cost_rules {
             let pending = Pending { request, failure_mode, rules: Arc::clone(rules), seen: 0 };
@@ -687,6 +939,89 @@ impl Request {
     }
 }
 
+impl Request {
+    /// Puts what the callout answered into the tenant's slot: a grant; or,
+    /// without one, a probe that lets the next request size its lease from
+    /// the tenant's rate; or a denial, kept for one lease lifetime at most
+    /// and never past the binding window's reset. Probes and denials never
+    /// push out a live lease with units; a lease pushed out is reported back
+    /// by the worker that pushed it, and a grant that can not be stored is
+    /// given back whole.
+    fn store_lease(&self, slot: LeaseSlot, resp: &CheckResponse) {
+        let now = now_ms();
+        let grant = resp.lease.as_ref().filter(|l| l.units > 0 && resp.allowed);
+        let units = grant.map_or(0, |l| l.units);
+        let life = if !resp.allowed {
+            let reset_ms = resp.windows.get(resp.binding).map_or(0, |w| w.reset.saturating_mul(1000));
+            slot.config.ttl_ms.min(reset_ms.saturating_sub(now))
+        } else if let Some(l) = grant {
+            slot.config.ttl_ms.min(l.valid_ms)
+        } else {
+            slot.config.ttl_ms
+        };
+        let entry = Entry {
+            denied: !resp.allowed,
+            returned: false,
+            id: self.book.next_id(),
+            units_left: units,
+            expires_at_ms: now.saturating_add(life),
+            granted: units,
+            granted_at_ms: now,
+            unit_cost: grant.map_or(0, |l| l.unit_cost),
+            tenant: slot.tenant,
+            policy: slot.policy,
+            tier: resp.tier.clone(),
+            pool: resp.reserved_pool.clone().unwrap_or_default(),
+            day: grant.map(|l| l.day.clone()).unwrap_or_default(),
+            charged: grant.map(|l| l.charged.clone()).unwrap_or_default(),
+            windows: resp
+                .windows
+                .iter()
+                .map(|w| WindowSnap { name: w.name.clone(), window: w.window, limit: w.limit, remaining: w.remaining, reset: w.reset })
+                .collect(),
+        };
+        let key = lease::slot_key(slot.slot);
+        let bytes = entry.encode();
+        for _ in 0..lease::CAS_ATTEMPTS {
+            let (value, cas) = host::get_shared(&key);
+            let old = value.as_deref().and_then(Entry::decode);
+            if !lease::may_replace(old.as_ref(), units > 0, now) {
+                return;
+            }
+            if host::set_shared(&key, &bytes, cas) {
+                if let Some(old) = old.filter(Entry::owes_return) {
+                    self.book.give_back(return_of(&old));
+                }
+                if units > 0
+                    && !self.book.watch(Watch { slot: slot.slot, id: entry.id, expires_at_ms: entry.expires_at_ms })
+                {
+                    // Too many leases watched: take this one back out now.
+                    let done = Entry { units_left: 0, returned: true, ..entry.clone() };
+                    let (_, cas) = host::get_shared(&key);
+                    if host::set_shared(&key, &done.encode(), cas) {
+                        self.book.give_back(return_of(&entry));
+                    }
+                }
+                return;
+            }
+            self.metrics.inc(Metric::LeaseCasRetries);
+        }
+        if units > 0 {
+            self.book.give_back(return_of(&entry));
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    host::now_ms()
+}
+
+fn set_tick_period_ms(ms: u64) {
+    if !host::set_tick_period(Duration::from_millis(ms)) {
+        log::error!("could not set the tick period; queued reports and expired leases wait");
+    }
+}
+
 fn property_string(path: &[&str]) -> Option<String> {
     host::property(path).and_then(|bytes| String::from_utf8(bytes).ok()).filter(|s| !s.is_empty())
 }
@@ -722,6 +1057,12 @@ impl Context for Request {
                             self.metrics.inc(Metric::OverflowRejected)
                         }
                         _ => self.metrics.inc(if storage_denied { Metric::StorageDenied } else { Metric::Denied }),
+                    }
+                }
+                if let Some(slot) = self.lease.take() {
+                    // A tenant in shadow mode is never leased to (nor denied from the table).
+                    if !in_shadow {
+                        self.store_lease(slot, &resp);
                     }
                 }
                 if let (true, Some(r), Phase::AwaitingQuota { tokens: Some((tenant, rules)), .. }) =
@@ -784,11 +1125,15 @@ impl HttpContext for Request {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.report_latency();
         if let Phase::Admitted { headers } = &self.phase {
-            for name in OWNED_RESPONSE_HEADERS {
-                host::set_header(MapType::HttpResponseHeaders, name, None);
-            }
+            // Setting a header replaces every value the upstream gave it, so
+            // one host call per header keeps exactly one of each.
             for (name, value) in headers {
-                host::add_header(MapType::HttpResponseHeaders, name, value);
+                host::set_header(MapType::HttpResponseHeaders, name, Some(value));
+            }
+            for name in OWNED_RESPONSE_HEADERS {
+                if !headers.iter().any(|(n, _)| n == name) {
+                    host::set_header(MapType::HttpResponseHeaders, name, None);
+                }
             }
             self.phase = Phase::Done;
         }

@@ -31,13 +31,6 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(map_type: MapType, key_data: *const u8, key_size: usize) -> u32;
-    fn proxy_add_header_map_value(
-        map_type: MapType,
-        key_data: *const u8,
-        key_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-    ) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         details_data: *const u8,
@@ -69,6 +62,14 @@ extern "C" {
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *mut *mut u8,
+        value_size: *mut usize,
+        cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(key_data: *const u8, key_size: usize, value_data: *const u8, value_size: usize, cas: u32) -> u32;
 }
 
 const OK: u32 = 0;
@@ -122,12 +123,6 @@ pub fn set_header(map: MapType, name: &str, value: Option<&str>) -> bool {
             None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()) == OK,
         }
     }
-}
-
-/// Adds a header value.
-pub fn add_header(map: MapType, name: &str, value: &str) -> bool {
-    // SAFETY: as above.
-    unsafe { proxy_add_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len()) == OK }
 }
 
 /// Answers locally with `status`, `headers` and `body`.
@@ -200,10 +195,10 @@ pub fn define_counter(name: &str) -> Option<u32> {
     unsafe { (proxy_define_metric(MetricType::Counter, name.as_ptr(), name.len(), &mut id) == OK).then_some(id) }
 }
 
-pub fn increment(id: u32) {
+pub fn increment(id: u32, n: u64) {
     // SAFETY: no pointers.
     unsafe {
-        let _ = proxy_increment_metric(id, 1);
+        let _ = proxy_increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -219,4 +214,62 @@ pub fn set_tick_period(period: Duration) -> bool {
     let ms = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
     // SAFETY: no pointers.
     unsafe { proxy_set_tick_period_milliseconds(ms) == OK }
+}
+
+/// Host time in ns since the epoch (0 if the host does not tell: leases
+/// then never live).
+pub fn now_ns() -> u64 {
+    let mut ns = 0u64;
+    // SAFETY: an out-pointer to a local.
+    if unsafe { proxy_get_current_time_nanoseconds(&mut ns) } == OK {
+        ns
+    } else {
+        0
+    }
+}
+
+pub fn now_ms() -> u64 {
+    now_ns() / 1_000_000
+}
+
+/// A shared-data value and its CAS token; anything but Ok is "no value".
+pub fn get_shared(key: &str) -> (Option<Vec<u8>>, u32) {
+    let mut data = null_mut();
+    let mut size = 0;
+    let mut cas = 0;
+    // SAFETY: out-pointers to locals; the host allocates the value.
+    unsafe {
+        if proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) != OK {
+            return (None, 0);
+        }
+        if data.is_null() {
+            return (None, cas);
+        }
+        (Some(owned(data, size)), cas)
+    }
+}
+
+/// Sets a value if its CAS token is still `cas`; false on a race or error.
+/// A token of 0 would mean "unconditionally", so it is refused: every slot
+/// is created at configure time and always has a real token.
+pub fn set_shared(key: &str, value: &[u8], cas: u32) -> bool {
+    if cas == 0 {
+        return false;
+    }
+    // SAFETY: pointers and lengths of live slices.
+    unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) == OK }
+}
+
+/// Creates `slots` shared-data keys (a one-byte "free" value) so each has a
+/// CAS token from the start; keys another worker created are left alone.
+pub fn create_slots(slots: u32, key_of: impl Fn(u32) -> String) {
+    for i in 0..slots {
+        let key = key_of(i);
+        if get_shared(&key).1 == 0 {
+            // SAFETY: pointers and lengths of live slices; cas 0 = create.
+            unsafe {
+                proxy_set_shared_data(key.as_ptr(), key.len(), [0u8].as_ptr(), 1, 0);
+            }
+        }
+    }
 }

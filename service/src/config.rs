@@ -505,7 +505,11 @@ pub const DEFAULT_METRICS_TOP_TENANTS: usize = 20;
 /// Everything `run` needs, validated.
 #[derive(Clone)]
 pub struct ServeConfig {
+    /// One Redis URL, or with `redis_cluster` a comma-separated list of
+    /// cluster nodes to discover the cluster from.
     pub redis_url: String,
+    /// Talk to a Redis Cluster (`--redis-cluster`).
+    pub redis_cluster: bool,
     /// The seed: written to Redis only when Redis holds no tiers yet, and
     /// used until the tiers have been read from Redis.
     pub tiers: Tiers,
@@ -542,6 +546,7 @@ impl ServeConfig {
     pub fn new(redis_url: impl Into<String>, tiers: Tiers) -> ServeConfig {
         ServeConfig {
             redis_url: redis_url.into(),
+            redis_cluster: false,
             tiers,
             admin_tokens: Vec::new(),
             redis_timeout: Duration::from_millis(250),
@@ -566,6 +571,7 @@ impl ServeConfig {
 #[derive(Clone, Default)]
 pub struct ServeOptions {
     pub redis_url: String,
+    pub redis_cluster: bool,
     pub tiers_file: Option<PathBuf>,
     pub admin_token: Option<Secret>,
     pub admin_token_file: Option<PathBuf>,
@@ -590,7 +596,8 @@ impl fmt::Debug for ServeConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.admin_tokens.iter().map(|t| t.name.as_str()).collect();
         f.debug_struct("ServeConfig")
-            .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_url", &redact_urls(&self.redis_url))
+            .field("redis_cluster", &self.redis_cluster)
             .field("tiers", &self.tiers)
             .field("admin_tokens", &names)
             .field("redis_timeout", &self.redis_timeout)
@@ -610,7 +617,8 @@ impl fmt::Debug for ServeConfig {
 impl fmt::Debug for ServeOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServeOptions")
-            .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_url", &redact_urls(&self.redis_url))
+            .field("redis_cluster", &self.redis_cluster)
             .field("tiers_file", &self.tiers_file)
             .field("admin_token", &self.admin_token)
             .field("admin_token_file", &self.admin_token_file)
@@ -674,8 +682,19 @@ impl ServeOptions {
     /// Validates everything without touching the network (what
     /// `--check-config` runs, and what `serve` runs before binding).
     pub fn compile(&self) -> Result<ServeConfig, ConfigError> {
-        redis::Client::open(self.redis_url.as_str())
-            .map_err(|e| err(format!("redis-url {}: {e}", redact_url(&self.redis_url))))?;
+        let urls = split_urls(&self.redis_url);
+        if urls.is_empty() {
+            return Err(err("redis-url: must not be empty"));
+        }
+        if urls.len() > 1 && !self.redis_cluster {
+            return Err(err(
+                "redis-url: several URLs are only accepted with --redis-cluster (they are the cluster's seed nodes)",
+            ));
+        }
+        for url in &urls {
+            redis::Client::open(*url)
+                .map_err(|e| err(format!("redis-url {}: {e}", redact_url(url))))?;
+        }
         if self.redis_timeout_ms == 0 || self.redis_timeout_ms > 60_000 {
             return Err(err("redis-timeout-ms: must be between 1 and 60000"));
         }
@@ -754,6 +773,13 @@ impl ServeOptions {
             Some(path) => Upstreams::from_file(path)?,
             None => Upstreams::none(),
         };
+        if self.redis_cluster && !upstreams.is_empty() {
+            // The capacity step of a check touches the tenant's slot and the
+            // upstream's in one script, which a cluster refuses (CROSSSLOT).
+            return Err(err(
+                "upstreams: capacity and the queue are not supported with --redis-cluster yet (a check would span the tenant's and the upstream's hash slots); run them on one Redis",
+            ));
+        }
         let workers = self.workers.unwrap_or(DEFAULT_WORKERS);
         if workers > MAX_WORKERS {
             return Err(err(format!("workers: must be at most {MAX_WORKERS}")));
@@ -770,6 +796,7 @@ impl ServeOptions {
         };
         Ok(ServeConfig {
             redis_url: self.redis_url.clone(),
+            redis_cluster: self.redis_cluster,
             tiers,
             admin_tokens,
             redis_timeout: Duration::from_millis(self.redis_timeout_ms),
@@ -787,12 +814,25 @@ impl ServeOptions {
 }
 
 impl ServeConfig {
+    /// The Redis URLs (several only for a cluster's seed nodes).
+    pub fn redis_urls(&self) -> Vec<&str> {
+        split_urls(&self.redis_url)
+    }
+
     /// Human summary printed by `--check-config`; secrets are never shown.
     pub fn summary(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
             "redis-url:        {}\n",
-            redact_url(&self.redis_url)
+            redact_urls(&self.redis_url)
+        ));
+        out.push_str(&format!(
+            "redis:            {}\n",
+            if self.redis_cluster {
+                "cluster (nodes discovered from the URLs above)"
+            } else {
+                "single node"
+            }
         ));
         out.push_str(&format!(
             "redis-timeout-ms: {}\n",
@@ -855,6 +895,19 @@ impl ServeConfig {
         }
         out
     }
+}
+
+fn split_urls(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
+/// [`redact_url`] on each of a comma-separated list.
+pub fn redact_urls(urls: &str) -> String {
+    split_urls(urls)
+        .into_iter()
+        .map(redact_url)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Hides the password of a `redis://user:pass@host` URL for logs and output.
@@ -956,6 +1009,24 @@ mod tests {
     fn limits_beyond_exact_lua_arithmetic_are_rejected() {
         let text = format!(r#"{{"tiers":{{"free":{{"hour":{}}}}}}}"#, MAX_LIMIT + 1);
         assert!(Tiers::from_json(&text, None).is_err());
+    }
+
+    #[test]
+    fn upstreams_are_refused_on_a_redis_cluster_with_both_named() {
+        let path = std::env::temp_dir().join(format!("sluice-upstreams-{}.json", std::process::id()));
+        std::fs::write(&path, r#"{"upstreams":{"gpu":{"url":"http://127.0.0.1:1","rate":5}}}"#).unwrap();
+        let opts = |cluster| ServeOptions {
+            redis_url: "redis://127.0.0.1:7000,redis://127.0.0.1:7001".into(),
+            redis_cluster: cluster,
+            upstreams_file: Some(path.clone()),
+            redis_timeout_ms: 250,
+            ..ServeOptions::default()
+        };
+        let e = opts(true).compile().unwrap_err().to_string();
+        assert!(e.starts_with("upstreams:") && e.contains("--redis-cluster"), "{e}");
+        let single = ServeOptions { redis_url: "redis://127.0.0.1:7000".into(), ..opts(false) };
+        assert!(single.compile().is_ok());
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

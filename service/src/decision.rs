@@ -3,8 +3,9 @@
 //! [`CheckResponse`] (names, binding window, retry-after). No I/O here.
 
 use sluice_wire::{
-    CheckRequest, CheckResponse, OnQuotaExceeded, QueueTicket, Reason, Reservation, RouteLimit,
-    StorageState, UsageReport, Window, WindowState, MAX_TOKENS,
+    CheckRequest, CheckResponse, LeaseGrant, LeaseReturn, OnQuotaExceeded, QueueTicket, Reason,
+    Reservation, RouteLimit, StorageState, UsageReport, Window, WindowState, MAX_LEASE_RETURNS,
+    MAX_LEASE_UNITS, MAX_TOKENS,
 };
 
 use crate::config::{MAX_COST, MAX_LIMIT, MAX_ROUTE_LIMITS, MIN_COST};
@@ -33,6 +34,8 @@ pub struct ValidCheck {
     pub can_queue: bool,
     pub on_quota_exceeded: OnQuotaExceeded,
     pub max_wait_ms: Option<u64>,
+    /// Lease units wanted on top of the cost (0 = no lease).
+    pub lease_want: u64,
 }
 
 impl ValidCheck {
@@ -135,6 +138,16 @@ pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
             )));
         }
     }
+    let lease_want = match &req.lease {
+        None => 0,
+        Some(l) if (1..=MAX_LEASE_UNITS).contains(&l.want) => l.want,
+        Some(l) => {
+            return Err(Invalid::Request(format!(
+                "lease.want: must be between 1 and {MAX_LEASE_UNITS}, got {}",
+                l.want
+            )))
+        }
+    };
     Ok(ValidCheck {
         tenant: req.tenant,
         cost: req.cost,
@@ -147,7 +160,131 @@ pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
         upstream: req.upstream,
         on_quota_exceeded: req.on_quota_exceeded,
         max_wait_ms: req.max_wait_ms,
+        lease_want,
     })
+}
+
+/// One lease return that passed validation: its keys are rebuilt here from
+/// the tenant (so they carry its hash tag) and checked parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidReturn {
+    pub tenant: String,
+    pub units: u64,
+    pub spent: u64,
+    /// The usage rollup of the grant's day.
+    pub rollup: String,
+    pub keys: Vec<String>,
+}
+
+/// Most counters one lease can have been charged to (3 tier + route windows).
+const MAX_CHARGED: usize = 3 + MAX_ROUTE_LIMITS;
+
+fn is_digits(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+pub fn validate_returns(returns: Vec<LeaseReturn>) -> Result<Vec<ValidReturn>, Invalid> {
+    if returns.len() > MAX_LEASE_RETURNS {
+        return Err(Invalid::Request(format!(
+            "returns: may have at most {MAX_LEASE_RETURNS} entries, got {}",
+            returns.len()
+        )));
+    }
+    returns
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if !sluice_wire::is_valid_tenant(r.tenant.as_bytes()) {
+                return Err(Invalid::Tenant(format!(
+                    "returns[{i}].tenant: must be 1..=128 bytes of A-Z a-z 0-9 . _ - : @"
+                )));
+            }
+            if r.units > MAX_LEASE_UNITS {
+                return Err(Invalid::Request(format!(
+                    "returns[{i}].units: must be at most {MAX_LEASE_UNITS}, got {}",
+                    r.units
+                )));
+            }
+            if r.spent > MAX_LEASE_UNITS {
+                return Err(Invalid::Request(format!(
+                    "returns[{i}].spent: must be at most {MAX_LEASE_UNITS}, got {}",
+                    r.spent
+                )));
+            }
+            if r.units == 0 && r.spent == 0 {
+                return Err(Invalid::Request(format!(
+                    "returns[{i}].units: nothing to give back or book (units and spent are 0)"
+                )));
+            }
+            if !is_digits(&r.day, 8) {
+                return Err(Invalid::Request(format!(
+                    "returns[{i}].day: must be YYYYMMDD, got {:?}",
+                    r.day
+                )));
+            }
+            if r.charged.is_empty() || r.charged.len() > MAX_CHARGED {
+                return Err(Invalid::Request(format!(
+                    "returns[{i}].charged: must list 1..={MAX_CHARGED} counters"
+                )));
+            }
+            let mut keys = Vec::with_capacity(r.charged.len());
+            for (j, c) in r.charged.iter().enumerate() {
+                let key = charged_key(&r.tenant, c).ok_or_else(|| {
+                    Invalid::Request(format!(
+                        "returns[{i}].charged[{j}]: {c:?} is not q:<window>:<id> or r:<policy>:<window>:<id>"
+                    ))
+                })?;
+                if keys.contains(&key) {
+                    return Err(Invalid::Request(format!(
+                        "returns[{i}].charged[{j}]: {c:?} is listed twice"
+                    )));
+                }
+                keys.push(key);
+            }
+            Ok(ValidReturn {
+                rollup: crate::keys::usage_day(&r.tenant, &r.day),
+                tenant: r.tenant,
+                units: r.units,
+                spent: r.spent,
+                keys,
+            })
+        })
+        .collect()
+}
+
+/// The counter key named by a lease's `charged` entry, if it is well formed.
+fn charged_key(tenant: &str, charged: &str) -> Option<String> {
+    let parts: Vec<&str> = charged.split(':').collect();
+    let (policy, window, id) = match parts.as_slice() {
+        ["q", w, id] => (None, *w, *id),
+        ["r", p, w, id] if sluice_wire::is_valid_policy_name(p) => (Some(*p), *w, *id),
+        _ => return None,
+    };
+    let window = Window::ALL.into_iter().find(|x| x.as_str() == window)?;
+    let id_len = match window {
+        Window::Hour => 10,
+        Window::Day => 8,
+        Window::Month => 6,
+        // Leases are never granted against a short-term rate.
+        Window::Second => return None,
+    };
+    if !is_digits(id, id_len) {
+        return None;
+    }
+    Some(match policy {
+        None => crate::keys::tier_counter(tenant, window, id),
+        Some(p) => crate::keys::route_counter(tenant, p, window, id),
+    })
+}
+
+/// The `charged` entry of a unit row (see [`charged_key`]); token rows are
+/// never part of a lease.
+fn charged_name(row: &WindowRow, policy: Option<&str>) -> Option<String> {
+    match (row.kind, policy) {
+        (RowKind::Route, Some(p)) => Some(format!("r:{p}:{}:{}", row.window.as_str(), row.window_id)),
+        (RowKind::Tier, _) => Some(format!("q:{}:{}", row.window.as_str(), row.window_id)),
+        _ => None,
+    }
 }
 
 /// A usage report that passed validation.
@@ -265,6 +402,8 @@ pub struct WindowRow {
     pub reset_in: u64,
     /// Whether this window refused the request (`used + amount > limit`).
     pub exceeded: bool,
+    /// `YYYYMMDDHH`, `YYYYMMDD` or `YYYYMM`.
+    pub window_id: String,
 }
 
 /// What the check script decided.
@@ -291,6 +430,10 @@ pub struct ScriptDecision {
     /// verdicts (0: take it from the binding window). CHARGE: epoch seconds
     /// when the exceeded windows reset.
     pub extra: u64,
+    /// Lease units charged on top of the cost.
+    pub lease_units: u64,
+    /// Milliseconds until the earliest reset of the charged windows.
+    pub lease_valid_ms: u64,
 }
 
 /// Builds the wire answer. `tokens` is the request's token estimate (what
@@ -320,6 +463,17 @@ pub fn respond(
         })
         .collect();
     let exceeded: Vec<bool> = decision.rows.iter().map(|r| r.exceeded).collect();
+    let lease = (decision.allowed && decision.lease_units > 0).then(|| LeaseGrant {
+        units: decision.lease_units,
+        unit_cost: decision.cost,
+        day: decision.day.clone(),
+        valid_ms: decision.lease_valid_ms,
+        charged: decision
+            .rows
+            .iter()
+            .filter_map(|r| charged_name(r, policy))
+            .collect(),
+    });
     let binding = binding_index(&windows, decision.allowed, &exceeded);
     let retry_after = match decision.verdict {
         Verdict::Allow | Verdict::Charged => None,
@@ -344,6 +498,7 @@ pub fn respond(
         reserved_pool: decision.pool,
         reason,
         queue,
+        lease,
     }
 }
 
@@ -386,6 +541,7 @@ mod tests {
             can_queue: false,
             on_quota_exceeded: OnQuotaExceeded::Reject,
             max_wait_ms: None,
+            lease: None,
         }
     }
 
@@ -399,6 +555,12 @@ mod tests {
             reset,
             reset_in: 10,
             exceeded: used + 1 > limit,
+            window_id: match window {
+                Window::Hour => "2026010203".into(),
+                Window::Day => "20260102".into(),
+                Window::Month => "202601".into(),
+                Window::Second => "1767322800".into(),
+            },
         }
     }
 
@@ -415,6 +577,8 @@ mod tests {
             cost: 1,
             verdict: if allowed { Verdict::Allow } else { Verdict::Quota },
             extra: 0,
+            lease_units: 0,
+            lease_valid_ms: 0,
         }
     }
 
@@ -446,6 +610,72 @@ mod tests {
         assert_eq!((q.allowed, q.reason, q.queue), (false, Some(Reason::Queued), Some(ticket.clone())));
         let full = respond(d(Verdict::QueueFull), 0, None, Some(ticket));
         assert_eq!((full.reason, full.queue, full.retry_after), (Some(Reason::QueueFull), None, Some(3)));
+    }
+
+    #[test]
+    fn a_lease_names_every_unit_counter_it_was_charged_to_and_a_return_maps_back_to_those_keys() {
+        let mut d = decision(
+            true,
+            vec![
+                row(Window::Hour, false, 100, 9, 3_600),
+                row(Window::Day, true, 100, 9, 86_400),
+            ],
+        );
+        d.lease_units = 8;
+        d.lease_valid_ms = 1_000;
+        d.cost = 2;
+        let lease = respond(d, 0, Some("llm"), None).lease.unwrap();
+        assert_eq!((lease.units, lease.unit_cost, lease.day.as_str()), (8, 2, "20310312"));
+        assert_eq!(lease.charged, ["q:hour:2026010203", "r:llm:day:20260102"]);
+        let back = validate_returns(vec![LeaseReturn {
+            tenant: "acme".into(),
+            units: 3,
+            spent: 2,
+            day: lease.day,
+            charged: lease.charged,
+        }])
+        .unwrap();
+        assert_eq!(
+            back[0].keys,
+            [
+                "sluice:{t:acme}:q:hour:2026010203",
+                "sluice:{t:acme}:r:llm:day:20260102"
+            ]
+        );
+        assert_eq!(back[0].rollup, "sluice:{t:acme}:u:20310312");
+    }
+
+    #[test]
+    fn malformed_lease_returns_name_the_field_and_never_reach_redis() {
+        let ret = |tenant: &str, units, day: &str, charged: &[&str]| LeaseReturn {
+            tenant: tenant.into(),
+            units,
+            spent: 0,
+            day: day.into(),
+            charged: charged.iter().map(|c| c.to_string()).collect(),
+        };
+        let h = "q:hour:2026010203";
+        let d = "20260102";
+        for (r, field) in [
+            (ret("a b", 1, d, &[h]), "returns[0].tenant"),
+            (ret("a", 0, d, &[h]), "returns[0].units"),
+            (ret("a", 1, "2026-01-02", &[h]), "returns[0].day"),
+            (ret("a", 1, d, &[]), "returns[0].charged"),
+            (ret("a", 1, d, &["q:hour:20260102"]), "returns[0].charged[0]"),
+            (ret("a", 1, d, &["q:week:2026010203"]), "returns[0].charged[0]"),
+            (ret("a", 1, d, &["cfg"]), "returns[0].charged[0]"),
+            (ret("a", 1, d, &["r:bad name:day:20260102"]), "returns[0].charged[0]"),
+            (ret("a", 1, d, &[h, h]), "returns[0].charged[1]"),
+        ] {
+            let m = match validate_returns(vec![r]) {
+                Err(Invalid::Request(m)) | Err(Invalid::Tenant(m)) => m,
+                Ok(v) => panic!("accepted {v:?}"),
+            };
+            assert!(m.starts_with(field), "{m} should name {field}");
+        }
+        let mut r = req("a", 1);
+        r.lease = Some(sluice_wire::LeaseAsk { want: 0 });
+        assert!(matches!(validate(r), Err(Invalid::Request(m)) if m.starts_with("lease.want")));
     }
 
     #[test]

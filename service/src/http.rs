@@ -15,7 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use sluice_wire::{CheckRequest, CheckResponse, ErrorBody, ReportRequest, UsageAnswer, UsageReport};
+use sluice_wire::{
+    CheckRequest, CheckResponse, ErrorBody, LeaseReturnRequest, LeaseReturnResponse, ReportRequest,
+    UsageAnswer, UsageReport,
+};
 
 use crate::config::ServeConfig;
 use crate::decision::{self, Invalid, Verdict};
@@ -246,6 +249,7 @@ pub fn router(state: Shared) -> Router {
         .route(sluice_wire::CHECK_PATH, post(check))
         .route(sluice_wire::USAGE_PATH, post(usage))
         .route(sluice_wire::REPORT_PATH, post(report))
+        .route(sluice_wire::LEASE_RETURN_PATH, post(lease_return))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -342,6 +346,9 @@ async fn check(
                 "denied"
             };
             state.metrics.check(result, elapsed());
+            if let Some(lease) = &resp.lease {
+                state.metrics.lease_units("granted", lease.units);
+            }
             Ok(Json(resp))
         }
         Err(e) => {
@@ -350,6 +357,33 @@ async fn check(
             Err(ApiError::redis_unavailable(&e))
         }
     }
+}
+
+/// Gives back the unspent units of expired leases (sent by the filter).
+/// Every return is validated before any reaches Redis; each is one atomic
+/// script on its tenant's slot.
+async fn lease_return(
+    State(state): State<Shared>,
+    body: Result<ApiJson<LeaseReturnRequest>, ApiError>,
+) -> Result<Json<LeaseReturnResponse>, ApiError> {
+    let ApiJson(req) = body?;
+    let returns = decision::validate_returns(req.returns).map_err(ApiError::from)?;
+    let results = futures_util::future::join_all(
+        returns.iter().map(|r| state.store.lease_return(r)),
+    )
+    .await;
+    let mut returned = 0u64;
+    for result in results {
+        match result {
+            Ok(n) => returned = returned.saturating_add(n),
+            Err(e) => {
+                state.redis_failed("lease_return", &e);
+                return Err(ApiError::redis_unavailable(&e));
+            }
+        }
+    }
+    state.metrics.lease_units("returned", returned);
+    Ok(Json(LeaseReturnResponse { returned }))
 }
 
 /// Token reconciliation: replaces a reservation with real usage. Called

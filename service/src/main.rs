@@ -44,6 +44,10 @@ struct ServeArgs {
         hide_env_values = true
     )]
     redis_url: String,
+    /// Redis Cluster mode: --redis-url is a comma-separated list of cluster
+    /// nodes (any few of them; the rest are discovered).
+    #[arg(long, env = "SLUICE_REDIS_CLUSTER", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    redis_cluster: bool,
     /// Tiers JSON file (built-in tiers when absent).
     #[arg(long, env = "SLUICE_TIERS")]
     tiers: Option<PathBuf>,
@@ -229,6 +233,7 @@ where
 async fn serve(args: ServeArgs) -> ExitCode {
     let options = ServeOptions {
         redis_url: args.redis_url,
+        redis_cluster: args.redis_cluster,
         tiers_file: args.tiers,
         admin_token: args.admin_token.map(Secret::new),
         admin_token_file: args.admin_token_file,

@@ -22,10 +22,12 @@ pub const RESULTS: [&str; 6] = [
     "error",
 ];
 /// Redis operations, for errors and latency.
-pub const REDIS_OPS: [&str; 13] = [
+pub const REDIS_OPS: [&str; 14] = [
     "check", "status", "admin", "ping", "report", "audit", "tiers", "usage", "time", "info",
-    "load", "index", "queue",
+    "load", "index", "queue", "lease_return",
 ];
+/// What happened to lease units.
+pub const LEASE_OPS: [&str; 2] = ["granted", "returned"];
 /// Admin changes.
 pub const ADMIN_ACTIONS: [&str; 12] = [
     "set_tier",
@@ -208,6 +210,7 @@ pub struct Metrics {
     redis_errors: IntCounterVec,
     admin_changes: IntCounterVec,
     usage_reports: IntCounterVec,
+    lease_units: IntCounterVec,
     rejections: IntCounterVec,
     shadow: IntCounterVec,
     reserved: IntCounter,
@@ -302,6 +305,13 @@ impl Metrics {
             "Token usage reports (POST /v1/usage) by result",
             "result",
             &USAGE_RESULTS,
+        )?;
+        let lease_units = counter_vec(
+            &r,
+            "sluice_lease_units_total",
+            "Quota units granted to Envoys as leases, and given back unspent",
+            "op",
+            &LEASE_OPS,
         )?;
         let rejections = counter_vec(
             &r,
@@ -457,6 +467,7 @@ impl Metrics {
             redis_errors,
             admin_changes,
             usage_reports,
+            lease_units,
             rejections,
             shadow,
             reserved,
@@ -517,6 +528,10 @@ impl Metrics {
 
     pub fn admin_change(&self, action: &'static str) {
         self.admin_changes.with_label_values(&[action]).inc();
+    }
+
+    pub fn lease_units(&self, op: &'static str, units: u64) {
+        self.lease_units.with_label_values(&[op]).inc_by(units);
     }
 
     pub fn usage_report(&self, result: &'static str) {

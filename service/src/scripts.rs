@@ -313,14 +313,16 @@ end
 /// ARGV[18] upstream "rate,burst,debt,tenant_depth,global_depth"
 /// ARGV[19] tenant   ARGV[20] can_queue 0|1   ARGV[21] on_quota_exceeded 0 reject | 1 queue
 /// ARGV[22] max wait ms   ARGV[23] ticket id (used only if queued)   ARGV[24] policy ("" none)
-/// ARGV[25..] route windows as pairs: window name, limit
+/// ARGV[25] lease units wanted on top of the cost (0 = no lease)
+/// ARGV[26..] route windows as pairs: window name, limit
 /// returns  {allowed 0|1, tier, reservation id ("" = none),
 ///           storage used, storage limit (-1 = not checked), storage exceeded 0|1,
 ///           n, then n times:
 ///           window, kind (0 tier, 1 route, 2 tokens, 3 short-term rate), limit, used,
-///           remaining, reset, reset_in, exceeded 0|1,
+///           remaining, reset, reset_in, exceeded 0|1, window id,
 ///           then shadow 0|1, reserved pool ('' for none), day id, cost charged,
-///           verdict, retry_after_s (0: from the binding window)}
+///           verdict, retry_after_s (0: from the binding window),
+///           lease units, lease valid ms}
 ///          tier windows first (hour, day, month), then route windows in
 ///          order, then token windows (hour, month), then (on a rate denial)
 ///          the `second` window.
@@ -357,6 +359,19 @@ end
 /// dispatch, by CHARGE), no counter exists without its TTL (window end + 60
 /// s), a token reservation exists exactly when its tokens were counted, and
 /// the day's usage rollup agrees with the decisions exactly.
+///
+/// Leases: when admitted directly, ARGV[25] > 0, the route has no upstream
+/// (capacity is decided per request) and the tier no short-term rate, no tokens are counted and neither
+/// the tenant nor the route is in shadow mode, the script also charges a
+/// lease of `lease units` (a multiple of the charged cost, at most ARGV[25],
+/// at most a quarter of the smallest room left in any unit window after this
+/// request, so leases shrink to nothing near the limit and several Envoys
+/// racing for the last units leave some for each other) in the same INCRBY.
+/// Its units are spent before they exist anywhere else, so a lease can never
+/// over-admit. `lease valid ms` is the time to the earliest reset of a
+/// charged window (a lease is never spent in a window it was not charged
+/// to). The rollup's `cost` counts the lease when granted; LEASE_RETURN
+/// takes back what was not spent.
 pub const CHECK: &str = concat!(
     lua_prelude!(),
     lua_upstream!(),
@@ -383,7 +398,8 @@ for _, name in ipairs(WINDOWS) do
   end
 end
 local route_spec = {}
-local i = 25
+local want = tonumber(ARGV[25]) or 0
+local i = 26
 while ARGV[i] do
   local name = ARGV[i]
   table.insert(checks, {key = ARGV[6] .. name .. ':' .. w[name].id, name = name,
@@ -417,13 +433,19 @@ if ARGV[11] ~= '' and storage_quota then
   end
 end
 local quota_reset = 0
-for _, c in ipairs(checks) do
-  c.used = tonumber(redis.call('GET', c.key) or '0') or 0
-  c.exceeded = 0
-  if c.used + c.amount > c.limit then
-    c.exceeded = 1
-    allowed = 0
-    if c.reset > quota_reset then quota_reset = c.reset end
+-- One MGET reads every counter.
+if #checks > 0 then
+  local keys = {}
+  for n, c in ipairs(checks) do keys[n] = c.key end
+  local values = redis.call('MGET', unpack(keys))
+  for n, c in ipairs(checks) do
+    c.used = tonumber(values[n] or '0') or 0
+    c.exceeded = 0
+    if c.used + c.amount > c.limit then
+      c.exceeded = 1
+      allowed = 0
+      if c.reset > quota_reset then quota_reset = c.reset end
+    end
   end
 end
 
@@ -504,11 +526,33 @@ end
 
 local rid = ''
 local day_key = ARGV[13] .. w.day.id
+local lease, valid_ms = 0, 0
 if allowed == 1 then
-  for _, c in ipairs(checks) do
-    c.used = redis.call('INCRBY', c.key, c.amount)
-    redis.call('EXPIRE', c.key, c.reset - s + 60)
+  if want > 0 and #token_windows == 0 and shadow == 0 and pfx == '' and tok == nil then
+    local room = want
+    for _, c in ipairs(checks) do
+      local left = math.floor((c.limit - c.used - c.amount) / 4)
+      if left < room then room = left end
+    end
+    lease = math.floor(room / cost) * cost
+    if lease < 0 then lease = 0 end
   end
+  valid_ms = -1
+  for _, c in ipairs(checks) do
+    if c.kind ~= 2 then c.amount = c.amount + lease end
+    c.used = redis.call('INCRBY', c.key, c.amount)
+    -- Counters only grow here (a lease return never removes a key, a
+    -- refund keeps it), so a result equal to the amount means this INCRBY
+    -- created the key: it gets its expiry in this same step.
+    if c.used == c.amount then
+      redis.call('EXPIRE', c.key, c.reset - s + 60)
+    end
+    if c.kind ~= 2 then
+      local until_reset = c.reset * 1000 - ms
+      if valid_ms < 0 or until_reset < valid_ms then valid_ms = until_reset end
+    end
+  end
+  if valid_ms < 0 then valid_ms = 0 end
   if #token_windows > 0 then
     local ttl = tonumber(ARGV[12])
     rid = tostring(redis.call('INCR', ARGV[10]))
@@ -537,7 +581,7 @@ end
 
 if allowed == 1 then
   redis.call('HINCRBY', day_key, 'admitted', 1)
-  redis.call('HINCRBY', day_key, 'cost', cost)
+  redis.call('HINCRBY', day_key, 'cost', cost + lease)
 elseif shadow == 1 then
   redis.call('HINCRBY', day_key, 'shadow_denied', 1)
 elseif verdict == 'queued' then
@@ -554,16 +598,16 @@ for _, c in ipairs(checks) do
   local remaining = c.limit - c.used
   if remaining < 0 then remaining = 0 end
   for _, v in ipairs({c.name, c.kind, c.limit, c.used, remaining, c.reset, reset_in(c.reset, ms),
-      c.exceeded}) do
+      c.exceeded, w[c.name].id}) do
     table.insert(out, v)
   end
 end
 if verdict == 'rate' then
-  for _, v in ipairs({'second', 3, rate, rate, 0, s + retry, retry, 1}) do
+  for _, v in ipairs({'second', 3, rate, rate, 0, s + retry, retry, 1, tostring(s)}) do
     table.insert(out, v)
   end
 end
-for _, v in ipairs({shadow, pool, w.day.id, cost, verdict, retry}) do
+for _, v in ipairs({shadow, pool, w.day.id, cost, verdict, retry, lease, valid_ms}) do
   table.insert(out, v)
 end
 return out
@@ -584,7 +628,7 @@ return out
 /// ARGV[10] usage rollup prefix       ARGV[11] usage retention in seconds
 /// ARGV[12] marker lifetime in ms (the request's remaining lifetime)
 /// returns  {verdict allow|charged|quota, tier, n, then n rows as CHECK's
-///           (8 fields), reset}; reset: epoch s when the exceeded windows
+///           (9 fields), reset}; reset: epoch s when the exceeded windows
 ///           reset (0 unless quota)
 /// ```
 /// The same limits as CHECK (overrides, custom limits, cost weight, route
@@ -664,7 +708,7 @@ for _, c in ipairs(checks) do
   local remaining = c.limit - c.used
   if remaining < 0 then remaining = 0 end
   for _, v in ipairs({c.name, c.kind, c.limit, c.used, remaining, c.reset, reset_in(c.reset, ms),
-      c.exceeded}) do
+      c.exceeded, w[c.name].id}) do
     table.insert(out, v)
   end
 end
@@ -672,6 +716,40 @@ table.insert(out, reset)
 return out
 "#
 );
+
+/// Gives back what a lease did not spend, and books what it did (see [`CHECK`]).
+///
+/// ```text
+/// KEYS[1]     the tenant's usage rollup of the grant's day: sluice:{t:<tenant>}:u:<YYYYMMDD>
+/// KEYS[2..n]  the counters the lease was charged to, all of the same tenant
+///             (one hash tag, one slot): sluice:{t:<tenant>}:q:<window>:<id>
+///             or sluice:{t:<tenant>}:r:<policy>:<window>:<id>
+/// ARGV[1]     units to give back (0..)
+/// ARGV[2]     requests admitted from the lease
+/// returns     units actually given back to the first counter
+/// ```
+/// Why atomic: every counter of the lease is lowered together, never below
+/// 0, a counter whose window is over (expired) is not recreated, and the
+/// rollup moves with them: `admitted` gains the lease's requests, `cost`
+/// loses the units given back. A rollup that no longer exists is left alone
+/// (no key without its expiry). DECRBY and HINCRBY keep a key's TTL.
+pub const LEASE_RETURN: &str = r#"
+local units = tonumber(ARGV[1]) or 0
+local spent = tonumber(ARGV[2]) or 0
+local first = 0
+for n = 2, #KEYS do
+  local v = tonumber(redis.call('GET', KEYS[n]) or '0') or 0
+  local d = units
+  if d > v then d = v end
+  if d > 0 then redis.call('DECRBY', KEYS[n], d) end
+  if n == 2 then first = d end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if spent > 0 then redis.call('HINCRBY', KEYS[1], 'admitted', spent) end
+  if first > 0 then redis.call('HINCRBY', KEYS[1], 'cost', -first) end
+end
+return first
+"#;
 
 /// Replaces a token reservation with the real usage. One EVALSHA per report.
 ///

@@ -1,7 +1,13 @@
 //! The Redis adapter: the only module that talks to Redis.
 //!
 //! One multiplexed connection (redis-rs `ConnectionManager`) is shared by all
-//! requests and reconnects by itself after Redis restarts. Every call is
+//! requests and reconnects by itself after Redis restarts. With
+//! `--redis-cluster` it is a redis-rs cluster connection instead (one
+//! multiplexed connection per primary, commands routed by their first key's
+//! slot, MOVED/ASK followed); [`Conn`] hides which, so nothing else here
+//! knows. Every script names one key of one tenant in KEYS and builds its
+//! other keys from prefixes with the same hash tag, so it runs on the node
+//! owning that tenant's slot and never meets CROSSSLOT. Every call is
 //! bounded by `--redis-timeout-ms` on top of the client's own timeouts, so a
 //! black-holed Redis yields a fast error instead of a hung request. Scripts go
 //! out as EVALSHA and are re-loaded by redis-rs when Redis answers NOSCRIPT
@@ -13,14 +19,18 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use prometheus::HistogramVec;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use sluice_wire::Window;
 
 use sluice_wire::{StorageState, UsageAnswer};
 
 use crate::config::{ServeConfig, LIMITS, RESERVATION_TTL_S};
-use crate::decision::{RowKind, ScriptDecision, ValidCheck, ValidUsage, Verdict, WindowRow};
+use crate::decision::{
+    RowKind, ScriptDecision, ValidCheck, ValidReturn, ValidUsage, Verdict, WindowRow,
+};
 use crate::tiers::TiersSnapshot;
 use crate::upstreams::Upstream;
 use crate::{keys, scripts};
@@ -131,6 +141,43 @@ impl Mode {
     }
 }
 
+/// The connection every Store call goes through: one Redis, or a Redis
+/// Cluster. Both multiplex all requests over few connections and reconnect
+/// by themselves.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// A request to take into the queue.
 #[derive(Debug, Clone)]
 pub struct NewItem<'a> {
@@ -228,7 +275,9 @@ pub struct QueueStats {
 
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: Conn,
+    /// For the queue's pub/sub (a Redis Cluster broadcasts PUBLISH to
+    /// every node, so one node of it is enough).
     client: redis::Client,
     timeout: Duration,
     check: Script,
@@ -240,6 +289,7 @@ pub struct Store {
     tiers_seed: Script,
     tiers_write: Script,
     queue: QueueScripts,
+    lease_return: Script,
     redis_seconds: Option<HistogramVec>,
 }
 
@@ -258,19 +308,25 @@ impl Store {
         // TCP_NODELAY: many scripts share one multiplexed connection, and a
         // small command must not wait behind Nagle's algorithm (and the
         // peer's delayed ACK, ~40 ms): measured by make bench-fairness.
-        let info = redis::IntoConnectionInfo::into_connection_info(config.redis_url.as_str())?
+        let first = config.redis_urls().first().copied().unwrap_or(config.redis_url.as_str());
+        let info = redis::IntoConnectionInfo::into_connection_info(first)?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = redis::Client::open(info)?;
-        let mgr_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.redis_timeout))
-            .set_connection_timeout(Some(config.redis_timeout))
-            // Few, short retries: requests fail fast on their own timeout
-            // anyway, and a short backoff lets the service notice a
-            // restarted Redis within a second.
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mgr_config)?;
+        let conn = if config.redis_cluster {
+            let client = ClusterClient::builder(config.redis_urls())
+                .connection_timeout(config.redis_timeout)
+                .response_timeout(config.redis_timeout)
+                .retries(2)
+                .build()?;
+            let cluster_config = ClusterConfig::new()
+                .set_connection_timeout(config.redis_timeout)
+                .set_response_timeout(config.redis_timeout);
+            // Connects in the background, like the single-node manager, so
+            // the service starts (and /readyz tells) while the cluster is down.
+            Conn::Cluster(client.get_pending_async_connection_with_config(cluster_config))
+        } else {
+            Conn::Single(Store::single(config, client.clone())?)
+        };
         Ok(Store {
             conn,
             client,
@@ -292,8 +348,22 @@ impl Store {
                 cancel: Script::new(scripts::CANCEL),
                 stats: Script::new(scripts::QUEUE_STATS),
             },
+            lease_return: Script::new(scripts::LEASE_RETURN),
             redis_seconds: None,
         })
+    }
+
+    fn single(config: &ServeConfig, client: redis::Client) -> Result<ConnectionManager, StoreError> {
+        let mgr_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.redis_timeout))
+            .set_connection_timeout(Some(config.redis_timeout))
+            // Few, short retries: requests fail fast on their own timeout
+            // anyway, and a short backoff lets the service notice a
+            // restarted Redis within a second.
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        Ok(ConnectionManager::new_lazy_with_config(client, mgr_config)?)
     }
 
     /// Observes every Redis call's duration in `hist` (label `op`).
@@ -376,13 +446,29 @@ impl Store {
                 inv.arg("").arg("").arg(&c.tenant).arg(0).arg(0).arg(0);
             }
         }
-        inv.arg(ticket).arg(c.policy.as_deref().unwrap_or(""));
+        inv.arg(ticket)
+            .arg(c.policy.as_deref().unwrap_or(""))
+            .arg(c.lease_want);
         for rl in &c.route_limits {
             inv.arg(rl.window.as_str()).arg(rl.limit);
         }
         let mut conn = self.conn.clone();
         let reply: Value = self.bounded("check", inv.invoke_async(&mut conn)).await?;
         parse_check(reply)
+    }
+
+    /// Gives the unspent units of one lease back to its counters and books
+    /// its spent requests; returns the units given back.
+    pub async fn lease_return(&self, r: &ValidReturn) -> Result<u64, StoreError> {
+        let mut inv = self.lease_return.prepare_invoke();
+        inv.key(&r.rollup);
+        for key in &r.keys {
+            inv.key(key);
+        }
+        inv.arg(r.units).arg(r.spent);
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("lease_return", inv.invoke_async(&mut conn)).await?;
+        as_u64(&reply)
     }
 
     /// Reads a tenant's tier, every limit with its source, and current usage.
@@ -688,6 +774,7 @@ impl Store {
             &q.give_back,
             &q.cancel,
             &q.stats,
+            &self.lease_return,
         ] {
             self.bounded("load", script.prepare_invoke().load_async(&mut conn))
                 .await?;
@@ -1132,6 +1219,7 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
             reset: as_u64(f.next()?)?,
             reset_in: as_u64(f.next()?)?,
             exceeded: as_int(f.next()?)? == 1,
+            window_id: as_text(f.next()?)?,
         });
     }
     let shadow = as_int(f.next()?)? == 1;
@@ -1142,6 +1230,8 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
     let verdict = Verdict::parse(&verdict_text)
         .ok_or_else(|| bad(format!("unknown verdict {verdict_text:?}")))?;
     let extra = as_u64(f.next()?)?;
+    let lease_units = as_u64(f.next()?)?;
+    let lease_valid_ms = as_u64(f.next()?)?;
     Ok(ScriptDecision {
         verdict,
         extra,
@@ -1158,6 +1248,8 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
         pool: (!pool.is_empty()).then_some(pool),
         day,
         cost,
+        lease_units,
+        lease_valid_ms,
     })
 }
 
@@ -1184,6 +1276,7 @@ fn parse_charge(reply: Value) -> Result<ScriptDecision, StoreError> {
             reset: as_u64(f.next()?)?,
             reset_in: as_u64(f.next()?)?,
             exceeded: as_int(f.next()?)? == 1,
+            window_id: as_text(f.next()?)?,
         });
     }
     let extra = as_u64(f.next()?)?;
@@ -1199,6 +1292,8 @@ fn parse_charge(reply: Value) -> Result<ScriptDecision, StoreError> {
         cost: 0,
         verdict,
         extra,
+        lease_units: 0,
+        lease_valid_ms: 0,
     })
 }
 

@@ -75,6 +75,7 @@ fn check_for(tenant: &str) -> ValidCheck {
         can_queue: true,
         on_quota_exceeded: OnQuotaExceeded::Reject,
         max_wait_ms: None,
+        lease: None,
     })
     .unwrap()
 }

@@ -51,6 +51,10 @@ pub struct EnvoyOpts {
     pub log_level: String,
     /// `--component-log-level`, e.g. `wasm:debug`.
     pub component_log_level: Option<String>,
+    /// `Some(filters)` replaces the Sluice wasm filter with these HTTP
+    /// filters (Envoy filter JSON; empty = no limiter at all), for the
+    /// baselines of `make bench`. `None` keeps the shipped filter.
+    pub replace_wasm_filter: Option<Vec<Value>>,
 }
 
 impl EnvoyOpts {
@@ -71,6 +75,7 @@ impl EnvoyOpts {
             wasm_path: None,
             log_level: "info".to_string(),
             component_log_level: Some("wasm:debug".to_string()),
+            replace_wasm_filter: None,
         }
     }
 }
@@ -138,6 +143,14 @@ pub fn render_config(opts: &EnvoyOpts, listener_port: u16, admin_port: u16) -> V
         Value::String(wasm.to_string_lossy().into_owned()),
     );
 
+    if let Some(replacement) = &opts.replace_wasm_filter {
+        let index = wasm_filter_index(&config);
+        let filters = config
+            .pointer_mut(HTTP_FILTERS)
+            .and_then(Value::as_array_mut)
+            .expect("envoy/envoy.yaml: the first listener must have http_filters");
+        filters.splice(index..=index, replacement.iter().cloned());
+    }
     if !opts.extra_routes.is_empty() {
         let routes = hcm_mut(&mut config)
             .pointer_mut("/route_config/virtual_hosts/0/routes")
@@ -464,9 +477,9 @@ fn hcm_mut(config: &mut Value) -> &mut Value {
 const HTTP_FILTERS: &str =
     "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters";
 
-/// JSON pointer to the `config` of the (first) wasm HTTP filter of the first listener.
-fn wasm_config_pointer(config: &Value) -> String {
-    let index = config
+/// Index of the (first) wasm HTTP filter in the first listener's chain.
+fn wasm_filter_index(config: &Value) -> usize {
+    config
         .pointer(HTTP_FILTERS)
         .and_then(Value::as_array)
         .and_then(|filters| {
@@ -476,7 +489,12 @@ fn wasm_config_pointer(config: &Value) -> String {
         })
         .unwrap_or_else(|| {
             panic!("the Envoy config has no wasm http filter in its first listener")
-        });
+        })
+}
+
+/// JSON pointer to the `config` of the (first) wasm HTTP filter of the first listener.
+fn wasm_config_pointer(config: &Value) -> String {
+    let index = wasm_filter_index(config);
     format!("{HTTP_FILTERS}/{index}/typed_config/config")
 }
 

@@ -75,11 +75,24 @@ pub fn request(
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes())?;
+    let reset = |e: &io::Error| matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe);
     if let Some(b) = body {
-        stream.write_all(b)?;
+        // A server may answer before it has read the whole body (a local
+        // 429, say) and close; its answer is then already in our receive
+        // buffer, so read it rather than failing on the write.
+        if let Err(e) = stream.write_all(b) {
+            if !reset(&e) {
+                return Err(e);
+            }
+        }
     }
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        // The reset that follows such an early answer.
+        if !(reset(&e) && raw.windows(4).any(|w| w == b"\r\n\r\n")) {
+            return Err(e);
+        }
+    }
     parse_response(&raw)
 }
 

@@ -21,11 +21,13 @@ pub mod http;
 pub mod paths;
 pub mod process;
 pub mod redis;
+pub mod redis_cluster;
 pub mod service;
 
 pub use envoy::{Envoy, EnvoyOpts, PromMetrics};
 pub use http::Response;
 pub use redis::{Redis, RespValue};
+pub use redis_cluster::RedisCluster;
 pub use service::{DemoUpstream, Service, ServiceOpts};
 
 use std::collections::HashSet;
@@ -54,6 +56,33 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("could not find a free loopback port in 1000 tries");
+}
+
+/// A free port `p` such that `p + offset` is free too (and neither was
+/// handed out before): Redis Cluster nodes also listen on port + 10000.
+pub fn free_port_pair(offset: u16) -> u16 {
+    let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = guard.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+        let port = listener
+            .local_addr()
+            .expect("local_addr of a bound socket")
+            .port();
+        let Some(other) = port.checked_add(offset) else {
+            continue;
+        };
+        if handed.contains(&port) || handed.contains(&other) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", other)).is_ok() {
+            handed.insert(port);
+            handed.insert(other);
+            return port;
+        }
+    }
+    panic!("could not find a free loopback port pair (offset {offset}) in 1000 tries");
 }
 
 /// `127.0.0.1:<free_port()>`.

@@ -48,6 +48,11 @@ impl Redis {
         self.port
     }
 
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(ChildProc::pid)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
@@ -119,6 +124,17 @@ impl Redis {
 }
 
 fn spawn(dir: &Path, port: u16, persistent: bool) -> Result<ChildProc, (ChildProc, NotReady)> {
+    spawn_with(dir, port, persistent, &[])
+}
+
+/// Starts `redis-server` on `port` with data in `dir` and `extra` arguments,
+/// and waits until it answers PING.
+pub(crate) fn spawn_with(
+    dir: &Path,
+    port: u16,
+    persistent: bool,
+    extra: &[&str],
+) -> Result<ChildProc, (ChildProc, NotReady)> {
     let mut cmd = Command::new(redis_server_bin());
     cmd.args([
         "--port",
@@ -138,6 +154,7 @@ fn spawn(dir: &Path, port: u16, persistent: bool) -> Result<ChildProc, (ChildPro
     } else {
         cmd.args(["--appendonly", "no"]);
     }
+    cmd.args(extra);
     let mut proc = ChildProc::spawn("redis-server", cmd, &dir.join("redis.log"));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     match proc.wait_ready(

@@ -19,6 +19,7 @@ pub const TEST_ADMIN_TOKEN: &str = "sluice-test-admin-token-0123456789";
 const SLUICE_ENV: &[&str] = &[
     "SLUICE_LISTEN",
     "SLUICE_REDIS_URL",
+    "SLUICE_REDIS_CLUSTER",
     "SLUICE_TIERS",
     "SLUICE_ADMIN_TOKEN",
     "SLUICE_ADMIN_TOKEN_FILE",
@@ -220,6 +221,10 @@ impl Service {
         self.addr
     }
 
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
@@ -381,6 +386,10 @@ impl DemoUpstream {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -137,6 +137,75 @@ pub struct CheckRequest {
     /// The route's max wait in the queue; absent: the upstream's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_wait_ms: Option<u64>,
+    /// Asks for a quota lease on top of this request (see [`LeaseAsk`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseAsk>,
+}
+
+/// Most units one lease may ask for.
+pub const MAX_LEASE_UNITS: u64 = 1_000_000;
+
+/// A lease request: charge up to `want` more units now, to be spent by the
+/// asking Envoy's workers without a callout per request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAsk {
+    /// Units wanted on top of the request's own cost (1..=[`MAX_LEASE_UNITS`]).
+    pub want: u64,
+}
+
+/// A granted lease. Its units are already counted in every window of the
+/// answer (`used` includes them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    /// Units granted on top of the request's cost (a multiple of
+    /// `unit_cost`, >= 1).
+    pub units: u64,
+    /// Units one request of this route costs the tenant (its cost times the
+    /// tenant's cost weight): what each request spends from the lease.
+    pub unit_cost: u64,
+    /// `YYYYMMDD` of the grant: the usage rollup a return books into.
+    pub day: String,
+    /// Milliseconds until the earliest reset of the windows it was charged
+    /// to: the lease must not be spent after that.
+    pub valid_ms: u64,
+    /// The counters it was charged to, as `q:<window>:<window-id>` and
+    /// `r:<policy>:<window>:<window-id>`, handed back with a return.
+    pub charged: Vec<String>,
+}
+
+/// Path of the lease return endpoint on the quota service.
+pub const LEASE_RETURN_PATH: &str = "/v1/lease/return";
+
+/// Most returns in one `POST /v1/lease/return`.
+pub const MAX_LEASE_RETURNS: usize = 256;
+
+/// Unspent units of one lease going back to its counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseReturn {
+    pub tenant: String,
+    /// Units not spent, given back (may be 0 when all were spent).
+    pub units: u64,
+    /// Requests admitted from the lease (booked in the usage rollup).
+    #[serde(default)]
+    pub spent: u64,
+    /// [`LeaseGrant::day`] of the lease.
+    pub day: String,
+    /// [`LeaseGrant::charged`] of the lease.
+    pub charged: Vec<String>,
+}
+
+/// Body of `POST /v1/lease/return`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseReturnRequest {
+    pub returns: Vec<LeaseReturn>,
+}
+
+/// Answer of `POST /v1/lease/return`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseReturnResponse {
+    /// Units given back, summed over the returns (a counter whose window is
+    /// over, or that holds less, gives back less).
+    pub returned: u64,
 }
 
 /// What a route does with a request over its hour/day/month quota.
@@ -275,6 +344,10 @@ pub struct CheckResponse {
     /// When `reason` is `queued`: where to forward the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueTicket>,
+    /// The lease granted with this admission, if one was asked for and the
+    /// windows had room for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseGrant>,
 }
 
 /// Request header the filter sets to the reserved pool of an admitted

@@ -26,8 +26,8 @@ pub struct Reply {
 /// The five rate-limit fields for a decision. The X- fields describe the
 /// binding window; the IETF fields list every window.
 pub fn rate_limit_headers(windows: &[WindowState], binding: &WindowState) -> Headers {
-    let mut policy = String::new();
-    let mut state = String::new();
+    let mut policy = String::with_capacity(48 * windows.len());
+    let mut state = String::with_capacity(40 * windows.len());
     for (i, w) in windows.iter().enumerate() {
         let sep = if i == 0 { "" } else { ", " };
         let _ = write!(policy, "{sep}\"{}\";q={};w={}", w.name, w.limit, w.window.nominal_secs());
@@ -177,6 +177,7 @@ mod tests {
             reserved_pool: None,
             reason,
             queue: None,
+            lease: None,
         }
     }
 

@@ -181,6 +181,10 @@ impl RedisServer {
     pub fn get(&self, key: &str) -> Option<i64> {
         redis::cmd("GET").arg(key).query(&mut self.conn()).unwrap()
     }
+
+    pub fn hget(&self, key: &str, field: &str) -> Option<i64> {
+        redis::cmd("HGET").arg(key).arg(field).query(&mut self.conn()).unwrap()
+    }
 }
 
 impl Drop for RedisServer {

@@ -1,0 +1,373 @@
+//! Results, the markdown report and the printed summary.
+
+use crate::load::{Latency, Throughput};
+use crate::stack::Mode;
+use crate::Opts;
+use serde::{Serialize, Serializer};
+use std::fmt::Write;
+
+impl Serialize for Mode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.short())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdmissionRow {
+    pub tenant: String,
+    /// The tenant's hour limit; `None` = the bench tier (never reached).
+    pub limit: Option<u64>,
+    /// Requests the demo upstream saw for it.
+    pub admitted: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MainResult {
+    pub mode: Mode,
+    pub throughput: Throughput,
+    /// CPU seconds per component during the max-throughput measurement.
+    pub cpu: crate::stack::Cpu,
+    pub latency: Latency,
+    pub admission: Vec<AdmissionRow>,
+    /// Whether this configuration enforces per-tenant limits at all.
+    pub enforced: bool,
+    pub failed_open: u64,
+    pub failed_closed: u64,
+    pub callouts: u64,
+    pub envoy_rss_kib_before: u64,
+    pub envoy_rss_kib_after: u64,
+}
+
+impl MainResult {
+    /// Units admitted beyond each capped tenant's limit, summed.
+    pub fn over_admitted(&self) -> u64 {
+        self.admission
+            .iter()
+            .filter_map(|r| r.limit.map(|l| r.admitted.saturating_sub(l)))
+            .sum()
+    }
+
+    /// Whether every capped tenant actually reached its limit in the run.
+    pub fn limits_reached(&self) -> bool {
+        self.admission.iter().all(|r| r.limit.is_none_or(|l| r.admitted >= l))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleResult {
+    pub mode: Mode,
+    pub workers: u32,
+    pub tenants: usize,
+    pub throughput: Throughput,
+    pub envoy_rss_kib_before: u64,
+    pub envoy_rss_kib_after: u64,
+    pub failed_closed_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub started_unix: u64,
+    pub load_before: String,
+    pub load_after: String,
+    pub cores: usize,
+    pub settings: Settings,
+    pub main: Vec<MainResult>,
+    pub scale: Vec<ScaleResult>,
+    pub notes: Vec<String>,
+    pub total_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub throughput_secs: f64,
+    pub warmup_secs: f64,
+    pub rate: f64,
+    pub latency_secs: f64,
+    pub scale_secs: f64,
+    pub tenants: usize,
+    pub conns: usize,
+    pub load_threads: usize,
+    pub path: String,
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+impl Results {
+    pub fn new(opts: &Opts) -> Results {
+        Results {
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            load_before: loadavg(),
+            load_after: String::new(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            settings: Settings {
+                throughput_secs: opts.throughput_secs,
+                warmup_secs: opts.warmup_secs,
+                rate: opts.rate,
+                latency_secs: opts.latency_secs,
+                scale_secs: opts.scale_secs,
+                tenants: opts.tenants,
+                conns: opts.conns,
+                load_threads: opts.load_threads,
+                path: opts.path.clone(),
+            },
+            main: Vec::new(),
+            scale: Vec::new(),
+            notes: Vec::new(),
+            total_secs: 0.0,
+        }
+    }
+
+    pub fn get(&self, mode: Mode) -> Option<&MainResult> {
+        self.main.iter().find(|m| m.mode == mode)
+    }
+
+    pub fn zero_over_admission(&self) -> bool {
+        self.main.iter().filter(|m| m.enforced).all(|m| m.over_admitted() == 0)
+    }
+
+    fn ratio(&self, mode: Mode) -> Option<f64> {
+        let a = self.get(Mode::NoLimiter)?.throughput.rps;
+        let m = self.get(mode)?.throughput.rps;
+        (a > 0.0).then(|| m / a)
+    }
+
+    fn added_p99(&self, mode: Mode) -> Option<f64> {
+        Some(self.get(mode)?.latency.p99_ms - self.get(Mode::NoLimiter)?.latency.p99_ms)
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("n/a".to_string(), |v| format!("{v:.digits$}"))
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+/// The goals of the issue, each with its figure.
+pub fn goals(r: &Results) -> Vec<(String, String, &'static str)> {
+    let mut g = Vec::new();
+    let exact = r.ratio(Mode::Exact);
+    g.push(("exact mode >= 0.5x (a) throughput".into(), opt(exact, 3) + "x", verdict(exact.map(|x| x >= 0.5))));
+    let lease = r.ratio(Mode::Lease);
+    g.push(("lease mode >= 0.75x (a) throughput".into(), opt(lease, 3) + "x", verdict(lease.map(|x| x >= 0.75))));
+    for mode in [Mode::Exact, Mode::Lease] {
+        let added = r.added_p99(mode);
+        g.push((
+            format!("p99 added by Sluice {} <= 1 ms at {:.0} req/s", mode.short(), r.settings.rate),
+            opt(added, 3) + " ms",
+            verdict(added.map(|x| x <= 1.0)),
+        ));
+    }
+    let enforced: Vec<&MainResult> = r.main.iter().filter(|m| m.enforced).collect();
+    let over: u64 = enforced.iter().map(|m| m.over_admitted()).sum();
+    let reached = enforced.iter().all(|m| m.limits_reached());
+    g.push((
+        "zero over-admission in every mode and run".into(),
+        format!("{over} over-admitted ({} capped tenants per run, limits reached: {reached})", crate::CAPPED.len()),
+        verdict((!enforced.is_empty()).then_some(over == 0)),
+    ));
+    g
+}
+
+pub fn summary(r: &Results) -> String {
+    let mut s = String::from("\nsluice bench: ratios to (a) Envoy without a limiter\n");
+    for m in &r.main {
+        let _ = writeln!(
+            s,
+            "  {:<24} {:>8.0} req/s  {:>6}x   p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms",
+            m.mode.label(),
+            m.throughput.rps,
+            opt(r.ratio(m.mode), 3),
+            m.latency.p50_ms,
+            m.latency.p99_ms,
+            m.latency.p999_ms
+        );
+    }
+    s.push_str("goals:\n");
+    for (goal, figure, v) in goals(r) {
+        let _ = writeln!(s, "  {goal}: {figure} ({})", v.trim_matches('*'));
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "  note: {n}");
+    }
+    s
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let st = &r.settings;
+    let _ = writeln!(s, "# Sluice bench\n");
+    let _ = writeln!(
+        s,
+        "One run, {} cores, load average before `{}`, after `{}`; {:.0} s in all. Every figure below \
+         comes from this run; compare ratios, not absolute numbers, and rerun on a quiet machine \
+         (load average well under 1) before trusting them.\n",
+        r.cores, r.load_before, r.load_after, r.total_secs
+    );
+    let _ = writeln!(
+        s,
+        "Through real Envoy (`envoy/envoy.yaml` rendered on free ports, 1 worker) to the demo upstream \
+         (`GET {}`), {} tenants round-robin. Max throughput: closed loop, {} keep-alive HTTP/1.1 \
+         connections, {} s after {} s warm-up. Latency: open loop at a constant {:.0} req/s for {} s \
+         (precomputed schedule, latency from each request's intended send time: no coordinated \
+         omission). Load generator, Envoy, the upstream, the quota service and Redis share the \
+         machine's cores.\n",
+        st.path, st.tenants, st.conns, st.throughput_secs, st.warmup_secs, st.rate, st.latency_secs
+    );
+    let _ = writeln!(s, "## Goals\n\n| goal | figure | |\n| --- | --- | --- |");
+    for (goal, figure, v) in goals(r) {
+        let _ = writeln!(s, "| {goal} | {figure} | {v} |");
+    }
+    let _ = writeln!(
+        s,
+        "\n## Side by side\n\n| configuration | max req/s | ratio to (a) | 2xx/s | 429 | 503 | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | achieved req/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for m in &r.main {
+        let t = &m.throughput;
+        let l = &m.latency;
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {} | {:.0} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} |",
+            m.mode.label(),
+            t.rps,
+            opt(r.ratio(m.mode), 3),
+            t.ok_rps,
+            t.counts.denied + l.counts.denied,
+            t.counts.unavailable + l.counts.unavailable,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms,
+            l.achieved_rps
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n(b) is `envoy.filters.http.local_ratelimit` with one token bucket per worker sized never to \
+         reject during the run (10,000,000 tokens/s): the cost of the cheapest limiter, not of its 429s. \
+         It is not per tenant and counts nothing across workers or Envoys. The Sluice modes run fail-closed \
+         with a 2 s callout timeout, so a decision that does not come back is a 503, never an uncounted \
+         admission. The capped tenants' 429s are part of each Sluice run ({} of {} tenants). (c) and (d) use the \
+         shipped plugin config (`envoy/envoy.yaml`); (d) adds `\"lease\": {{\"max_units\": 64}}` (ttl 1000 ms) to its \
+         default policy.\n",
+        crate::CAPPED.len(),
+        st.tenants
+    );
+    let _ = writeln!(s, "## Admitted per tenant (counted at the upstream)\n");
+    let _ = writeln!(
+        s,
+        "| configuration | tenant | limit (hour) | admitted | over limit |\n| --- | --- | ---: | ---: | ---: |"
+    );
+    for m in &r.main {
+        for row in m.admission.iter().filter(|r| r.limit.is_some()) {
+            let limit = row.limit.unwrap_or(0);
+            let over = if m.enforced { row.admitted.saturating_sub(limit).to_string() } else { "no limiter".into() };
+            let _ = writeln!(s, "| {} | {} | {} | {} | {} |", m.mode.short(), row.tenant, limit, row.admitted, over);
+        }
+        let others: Vec<&crate::report::AdmissionRow> = m.admission.iter().filter(|r| r.limit.is_none()).collect();
+        let total: u64 = others.iter().map(|r| r.admitted).sum();
+        let _ = writeln!(
+            s,
+            "| {} | {} other tenants | {} | {} | 0 |",
+            m.mode.short(),
+            others.len(),
+            crate::stack::BENCH_TIER_HOUR,
+            total
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Where the CPU goes\n\nCPU time per component during the max-throughput measurement, in \
+         microseconds per request (user + system, all threads; from /proc/<pid>/stat):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| configuration | Envoy | demo upstream | quota service | Redis | load generator | total | cores busy |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for m in &r.main {
+        let n = m.throughput.counts.answered().max(1) as f64;
+        let us = |v: f64| v * 1e6 / n;
+        let c = &m.cpu;
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            m.mode.short(),
+            us(c.envoy),
+            us(c.upstream),
+            us(c.service),
+            us(c.redis),
+            us(c.load_generator),
+            us(c.total()),
+            c.total() / m.throughput.seconds.max(0.001)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nSluice counters per run: callouts to the quota cluster, fail-open / fail-closed decisions:\n"
+    );
+    for m in r.main.iter().filter(|m| m.enforced) {
+        let requests = m.throughput.counts.answered() + m.latency.counts.answered();
+        let _ = writeln!(
+            s,
+            "- {}: {} requests, {} callouts ({:.3} per request), failed open {}, failed closed {}; Envoy RSS {} -> {} KiB",
+            m.mode.short(),
+            requests,
+            m.callouts,
+            if requests > 0 { m.callouts as f64 / requests as f64 } else { 0.0 },
+            m.failed_open,
+            m.failed_closed,
+            m.envoy_rss_kib_before,
+            m.envoy_rss_kib_after
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Scaling\n\nClosed loop, {} s per cell, after 1 s warm-up; distinct tenants round-robin. \
+         Envoy RSS before and after the cell shows whether the filter's memory grows with tenants.\n",
+        st.scale_secs
+    );
+    let _ = writeln!(
+        s,
+        "| configuration | Envoy workers | tenants | req/s | ratio to (a), same workers and tenants | 503 | Envoy RSS KiB before -> after |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for c in &r.scale {
+        let base = r
+            .scale
+            .iter()
+            .find(|b| b.mode == Mode::NoLimiter && b.workers == c.workers && b.tenants == c.tenants)
+            .map(|b| b.throughput.rps)
+            .filter(|v| *v > 0.0);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {} | {} | {} -> {} |",
+            c.mode.short(),
+            c.workers,
+            c.tenants,
+            c.throughput.rps,
+            opt(base.map(|b| c.throughput.rps / b), 3),
+            c.throughput.counts.unavailable,
+            c.envoy_rss_kib_before,
+            c.envoy_rss_kib_after
+        );
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(s, "\n## Notes\n");
+        for n in &r.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    let _ = writeln!(s, "\n![chart](chart.png)");
+    s
+}
