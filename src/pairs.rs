@@ -35,7 +35,7 @@ fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([*b.first()?, *b.get(1)?, *b.get(2)?, *b.get(3)?]))
 }
 
-#[cfg(test)]
+/// The inverse of [`decode`] (tests and the fuzz targets use it).
 pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
     for (n, v) in pairs {

@@ -666,7 +666,7 @@ async fn set_tier(
 
 /// `{"hour":5000,"day":null}`: a number sets, null clears, an absent limit
 /// is left alone. Names come from [`LIMITS`].
-fn limit_changes(body: &Map<String, Value>) -> Result<Vec<(String, Option<u64>)>, ApiError> {
+pub fn limit_changes(body: &Map<String, Value>) -> Result<Vec<(String, Option<u64>)>, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid_request(format!(
             "set at least one of {}",

@@ -1,7 +1,11 @@
 //! The Redis adapter: the only module that talks to Redis.
 //!
 //! One multiplexed connection (redis-rs `ConnectionManager`) is shared by all
-//! requests and reconnects by itself after Redis restarts. Every call is
+//! requests and reconnects by itself after Redis restarts. A connection
+//! that stops answering without closing (a black-holed network path: the
+//! manager only reconnects on errors, never on timeouts) is replaced by
+//! [`Healing`] on the first timeout, so the service recovers by itself once
+//! the path works again. Every call is
 //! bounded by `--redis-timeout-ms` on top of the client's own timeouts, so a
 //! black-holed Redis yields a fast error instead of a hung request. Scripts go
 //! out as EVALSHA and are re-loaded by redis-rs when Redis answers NOSCRIPT
@@ -10,11 +14,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::HistogramVec;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use sluice_wire::Window;
 
 use sluice_wire::{StorageState, UsageAnswer};
@@ -100,9 +105,87 @@ pub struct TenantStatus {
 /// One audit entry as stored: its stream id and its fields.
 pub type AuditRecord = (String, Vec<(String, String)>);
 
+/// The shared connection, replaced with a fresh (lazily connecting) one
+/// when a call on it times out, at most once per `min_age`. Calls already
+/// in flight keep the connection they started on; new calls take the
+/// current one. Without this, a connection whose path was cut (no RST, no
+/// FIN) would be used forever: every call would time out even after the
+/// network healed (fault test `redis_black_holed_by_the_network_...`).
+#[derive(Clone)]
+pub struct Healing {
+    current: Arc<Mutex<(ConnectionManager, Instant)>>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    min_age: Duration,
+}
+
+impl Healing {
+    fn new(client: redis::Client, config: ConnectionManagerConfig, min_age: Duration) -> Result<Healing, StoreError> {
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Healing {
+            current: Arc::new(Mutex::new((conn, Instant::now()))),
+            client,
+            config,
+            min_age,
+        })
+    }
+
+    fn current(&self) -> ConnectionManager {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// A call timed out: replace the connection unless it is newer than
+    /// `min_age` (a burst of timeouts replaces it once).
+    pub fn replace_stale(&self) {
+        let mut g = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1.elapsed() < self.min_age {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                *g = (fresh, Instant::now());
+                tracing::warn!("a redis call timed out: replaced the connection with a new one");
+            }
+            Err(e) => tracing::warn!("could not replace the redis connection: {e}"),
+        }
+    }
+}
+
+impl ConnectionLike for Healing {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let mut conn = self.current();
+        Box::pin(async move {
+            let r = conn.req_packed_command(cmd).await;
+            if r.as_ref().is_err_and(redis::RedisError::is_timeout) {
+                self.replace_stale();
+            }
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        let mut conn = self.current();
+        Box::pin(async move {
+            let r = conn.req_packed_commands(pipeline, offset, count).await;
+            if r.as_ref().is_err_and(redis::RedisError::is_timeout) {
+                self.replace_stale();
+            }
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().get_db()
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: Healing,
     timeout: Duration,
     check: Script,
     status: Script,
@@ -137,7 +220,8 @@ impl Store {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, mgr_config)?;
+        let min_age = config.redis_timeout.max(Duration::from_millis(200));
+        let conn = Healing::new(client, mgr_config, min_age)?;
         Ok(Store {
             conn,
             timeout: config.redis_timeout,
@@ -167,7 +251,10 @@ impl Store {
         let started = Instant::now();
         let result = match tokio::time::timeout(self.timeout, fut).await {
             Ok(result) => result.map_err(StoreError::Redis),
-            Err(_) => Err(StoreError::Timeout),
+            Err(_) => {
+                self.conn.replace_stale();
+                Err(StoreError::Timeout)
+            }
         };
         if let Some(h) = &self.redis_seconds {
             h.with_label_values(&[op])

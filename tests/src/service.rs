@@ -70,6 +70,8 @@ impl Default for ServiceOpts {
 pub struct Service {
     proc: ChildProc,
     addr: SocketAddr,
+    /// The command line (without `--listen`), for [`Service::restart`].
+    args: Vec<String>,
     admin_token: Option<String>,
     dir: TestDir,
 }
@@ -117,6 +119,7 @@ impl Service {
         Service {
             proc,
             addr,
+            args,
             admin_token: opts.admin_token,
             dir,
         }
@@ -151,6 +154,26 @@ impl Service {
     /// The child process (to pause, signal or stop it).
     pub fn process(&mut self) -> &mut ChildProc {
         &mut self.proc
+    }
+
+    /// Kills the service with SIGKILL (requests in flight are cut off).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts the service again with the same command line on the same
+    /// address (Envoy's cluster points there), after [`Service::kill`] or
+    /// on its own, and waits until `/healthz` answers.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        let mut cmd = sluice_command();
+        cmd.args(&self.args).arg("--listen").arg(self.addr.to_string());
+        let mut proc = ChildProc::spawn("sluice serve", cmd, &self.dir.path().join("service.log"));
+        let addr = self.addr;
+        if let Err(reason) = proc.wait_ready(READY_TIMEOUT, || http::answers_ok(addr, "/healthz")) {
+            proc.fail(&format!("sluice serve did not restart on {addr}: {reason:?}"));
+        }
+        self.proc = proc;
     }
 
     /// `GET path` on the service.

@@ -1,0 +1,1 @@
+//! Soak (make soak): written below.
