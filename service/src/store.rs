@@ -24,7 +24,7 @@ use sluice_wire::Window;
 
 use sluice_wire::{StorageState, UsageAnswer};
 
-use crate::config::{ServeConfig, LIMITS, RESERVATION_TTL_S};
+use crate::config::{ServeConfig, LIMITS, RESERVATION_TTL_S, SETTLED_TTL_S};
 use crate::decision::{RowKind, ScriptDecision, ValidCheck, ValidUsage, WindowRow};
 use crate::tiers::TiersSnapshot;
 use crate::{keys, scripts};
@@ -340,7 +340,8 @@ impl Store {
             .arg(offset_ms)
             .arg(u.total_tokens)
             .arg(if u.complete { 1 } else { 0 })
-            .arg(keys::token_counter_prefix(&u.tenant));
+            .arg(keys::token_counter_prefix(&u.tenant))
+            .arg(SETTLED_TTL_S);
         let mut conn = self.conn.clone();
         let reply: Value = self.bounded("usage", inv.invoke_async(&mut conn)).await?;
         let mut f = fields(&reply)?;
