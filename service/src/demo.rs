@@ -147,7 +147,9 @@ async fn reset_handler(State(stats): State<Shared>) -> Json<Value> {
     Json(json!({"status": "reset"}))
 }
 
-async fn echo(method: Method, uri: Uri, headers: HeaderMap) -> Json<Value> {
+/// Takes the body (unread, hyper would close the keep-alive connection
+/// under a large one and Envoy's next request on it would fail).
+async fn echo(method: Method, uri: Uri, headers: HeaderMap, _body: Bytes) -> Json<Value> {
     Json(json!({
         "method": method.as_str(),
         "path": uri.path(),
