@@ -106,49 +106,62 @@ pub struct TenantStatus {
 pub type AuditRecord = (String, Vec<(String, String)>);
 
 /// The shared connection, replaced with a fresh (lazily connecting) one
-/// when a call on it times out, at most once per `min_age`. Calls already
-/// in flight keep the connection they started on; new calls take the
-/// current one. Without this, a connection whose path was cut (no RST, no
-/// FIN) would be used forever: every call would time out even after the
+/// when a call on it times out and no call has succeeded on it for
+/// `min_age`: a dead path, not a busy Redis (under load some calls time out
+/// while others succeed, and replacing would only add handshakes). Calls
+/// already in flight keep the connection they started on; new calls take
+/// the current one. Without this, a connection whose path was cut (no RST,
+/// no FIN) would be used forever: every call would time out even after the
 /// network healed (fault test `redis_black_holed_by_the_network_...`).
 #[derive(Clone)]
 pub struct Healing {
-    current: Arc<Mutex<(ConnectionManager, Instant)>>,
+    current: Arc<Mutex<Slot>>,
     client: redis::Client,
     config: ConnectionManagerConfig,
     min_age: Duration,
+}
+
+struct Slot {
+    conn: ConnectionManager,
+    /// When `conn` was created, or last answered a call.
+    last_ok: Instant,
 }
 
 impl Healing {
     fn new(client: redis::Client, config: ConnectionManagerConfig, min_age: Duration) -> Result<Healing, StoreError> {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
         Ok(Healing {
-            current: Arc::new(Mutex::new((conn, Instant::now()))),
+            current: Arc::new(Mutex::new(Slot { conn, last_ok: Instant::now() })),
             client,
             config,
             min_age,
         })
     }
 
-    fn current(&self) -> ConnectionManager {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A call timed out: replace the connection unless it is newer than
-    /// `min_age` (a burst of timeouts replaces it once).
+    fn current(&self) -> ConnectionManager {
+        self.slot().conn.clone()
+    }
+
+    /// A call answered (with a reply or a Redis error): the path works.
+    pub fn answered(&self) {
+        self.slot().last_ok = Instant::now();
+    }
+
+    /// A call timed out: replace the connection if nothing has answered on
+    /// it (or since it was created) for `min_age`.
     pub fn replace_stale(&self) {
-        let mut g = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1.elapsed() < self.min_age {
+        let mut g = self.slot();
+        if g.last_ok.elapsed() < self.min_age {
             return;
         }
         match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
             Ok(fresh) => {
-                *g = (fresh, Instant::now());
-                tracing::warn!("a redis call timed out: replaced the connection with a new one");
+                *g = Slot { conn: fresh, last_ok: Instant::now() };
+                tracing::warn!("redis calls time out and none answered for {:?}: replaced the connection", self.min_age);
             }
             Err(e) => tracing::warn!("could not replace the redis connection: {e}"),
         }
@@ -250,7 +263,17 @@ impl Store {
     ) -> Result<T, StoreError> {
         let started = Instant::now();
         let result = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(result) => result.map_err(StoreError::Redis),
+            Ok(Ok(v)) => {
+                self.conn.answered();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                // A reply from Redis (an error one) also proves the path works.
+                if !(e.is_timeout() || e.is_io_error() || e.is_connection_dropped()) {
+                    self.conn.answered();
+                }
+                Err(StoreError::Redis(e))
+            }
             Err(_) => {
                 self.conn.replace_stale();
                 Err(StoreError::Timeout)

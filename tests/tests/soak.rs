@@ -64,6 +64,8 @@ struct Counters {
     ok: AtomicU64,
     limited: AtomicU64,
     errors: AtomicU64,
+    /// Error statuses seen (0: no answer).
+    error_statuses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 #[derive(Clone, Copy)]
@@ -75,6 +77,7 @@ struct Sample {
     service_rss_kb: u64,
     redis_keys: u64,
     redis_used_memory: u64,
+    load1: f64,
 }
 
 /// Least-squares slope of `y` over `x`.
@@ -136,7 +139,10 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
 
     let (redis, mut service, upstream, mut envoy) = tokio::task::spawn_blocking(|| {
         let redis = Redis::start();
-        let service = Service::start(&redis.url(), ServiceOpts::default());
+        // The machine is shared (2 cores, other builds and tests): a 1 s
+        // Redis timeout and a 2 s callout timeout keep CPU starvation from
+        // turning into failure-mode answers; this soak is about leaks.
+        let service = Service::start(&redis.url(), ServiceOpts { redis_timeout_ms: Some(1000), ..ServiceOpts::default() });
         // Inside one service-clock hour for the whole run (see the module docs).
         let start = next_hour_ms(0) - 3_600_000 + 60_000;
         let offset = offset_to(if start > now_ms() { start } else { start + 3_600_000 });
@@ -168,7 +174,10 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
         match s {
             200 => c.ok.fetch_add(1, Ordering::Relaxed),
             429 => c.limited.fetch_add(1, Ordering::Relaxed),
-            _ => c.errors.fetch_add(1, Ordering::Relaxed),
+            _ => {
+                *c.error_statuses.lock().unwrap().entry(s).or_insert(0) += 1;
+                c.errors.fetch_add(1, Ordering::Relaxed)
+            }
         };
     };
 
@@ -177,10 +186,11 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
     // the mix creates exists before the measured phase.
     let warm = Instant::now();
     let mut tasks = Vec::new();
+    let warm_limit = Arc::new(tokio::sync::Semaphore::new(32));
     for t in 0..TENANTS {
         // pick % 100 >= 5: not hot; pick % 20: 11 plain, 6 llm, 1 chat.
         for pick in [10_011u64, 10_006, 10_021] {
-            let permit = Arc::clone(&limit).acquire_owned().await.unwrap();
+            let permit = Arc::clone(&warm_limit).acquire_owned().await.unwrap();
             let (client, base, counters) = (client.clone(), base.clone(), Arc::clone(&counters));
             tasks.push(tokio::spawn(async move {
                 let s = one(&client, &base, pick, t).await;
@@ -202,6 +212,7 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
         service_rss_kb: rss_kb(service.process().pid()),
         redis_keys: redis.cmd(&["DBSIZE"]).as_i64().unwrap_or(0) as u64,
         redis_used_memory: redis_info_field(&redis, "memory", "used_memory"),
+        load1: std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0.0),
     };
 
     let started = Instant::now();
@@ -230,8 +241,8 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
         if started.elapsed() >= next_sample {
             let s = sample(started.elapsed().as_secs_f64(), &mut envoy, &mut service, &counters);
             eprintln!(
-                "soak: t={:>5.0}s requests={} errors={} envoy_rss={}KiB service_rss={}KiB keys={} used_memory={}",
-                s.t_s, s.requests, s.errors, s.envoy_rss_kb, s.service_rss_kb, s.redis_keys, s.redis_used_memory
+                "soak: t={:>5.0}s requests={} errors={} envoy_rss={}KiB service_rss={}KiB keys={} used_memory={} load1={}",
+                s.t_s, s.requests, s.errors, s.envoy_rss_kb, s.service_rss_kb, s.redis_keys, s.redis_used_memory, s.load1
             );
             samples.push(s);
             next_sample += Duration::from_secs(sample_s);
@@ -272,7 +283,7 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
     writeln!(md, "| figure | value |\n| --- | --- |").unwrap();
     writeln!(md, "| requests (measured phase + warm-up) | {} |", ok + limited + errors).unwrap();
     writeln!(md, "| achieved rate (measured phase) | {:.1} req/s |", c.sent.load(Ordering::Relaxed) as f64 / end.max(1.0)).unwrap();
-    writeln!(md, "| 200 / 429 / errors | {ok} / {limited} / {errors} |").unwrap();
+    writeln!(md, "| 200 / 429 / errors | {ok} / {limited} / {errors} {:?} |", c.error_statuses.lock().unwrap()).unwrap();
     writeln!(md, "| reached the upstream | {upstream_total} |").unwrap();
     for n in ["allowed", "denied", "failed_open", "failed_closed", "callout_errors", "usage_reported", "usage_report_failed", "usage_missing"] {
         writeln!(md, "| Envoy sluice.{n} | {} |", stat(n)).unwrap();
@@ -301,10 +312,12 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
             flat_failures.push(format!("{name}: {:+.2} % over the last {span:.0} s", trend * 100.0));
         }
     }
-    let mut csv = String::from("t_s,requests,errors,envoy_rss_kb,service_rss_kb,redis_keys,redis_used_memory\n");
+    let mut csv = String::from("t_s,requests,errors,envoy_rss_kb,service_rss_kb,redis_keys,redis_used_memory,load1\n");
     for s in &samples {
-        writeln!(csv, "{:.0},{},{},{},{},{},{}", s.t_s, s.requests, s.errors, s.envoy_rss_kb, s.service_rss_kb, s.redis_keys, s.redis_used_memory).unwrap();
+        writeln!(csv, "{:.0},{},{},{},{},{},{},{}", s.t_s, s.requests, s.errors, s.envoy_rss_kb, s.service_rss_kb, s.redis_keys, s.redis_used_memory, s.load1).unwrap();
     }
+    let loads: Vec<f64> = samples.iter().map(|s| s.load1).collect();
+    writeln!(md, "\nMachine load (1-minute load average, 2 cores shared with other work): min {:.1}, max {:.1}.", loads.iter().cloned().fold(f64::MAX, f64::min), loads.iter().cloned().fold(0.0, f64::max)).unwrap();
     std::fs::write(out_dir.join("soak.csv"), &csv).unwrap();
     std::fs::write(out_dir.join("summary.md"), &md).unwrap();
     eprintln!("{md}\nsoak: wrote {}", out_dir.display());
