@@ -91,8 +91,26 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    run_split(listener, None, config, shutdown).await
+}
+
+/// [`run`], with the admin API on `admin_listener` only when one is given
+/// (`--admin-listen`): `listener` then answers `/v1/admin/...` with 404.
+pub async fn run_split(
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     tracing::info!(config = ?config, "starting sluice service");
     let (router, state) = app(config)?;
+    let (router, admin) = match admin_listener {
+        Some(l) => {
+            let (data, admin) = http::split_routers(state.clone());
+            (data, Some((l, admin)))
+        }
+        None => (router, None),
+    };
     let store = state.store.clone();
     tokio::spawn(async move {
         if let Err(e) = store.load_scripts().await {
@@ -102,10 +120,31 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "quota service listening");
     }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin_task = admin.map(|(l, r)| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "admin API listening (only here)");
+        }
+        let rx = stop_rx.clone();
+        tokio::spawn(async move { axum::serve(l, r).with_graceful_shutdown(stopped(rx)).await })
+    });
     axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stop_rx))
         .await
         .map_err(RunError::Io)?;
+    if let Some(t) = admin_task {
+        match t.await {
+            Ok(r) => r.map_err(RunError::Io)?,
+            Err(e) => tracing::warn!("admin listener task failed: {e}"),
+        }
+    }
     tracing::info!("quota service stopped");
     Ok(())
 }

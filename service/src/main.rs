@@ -36,6 +36,10 @@ struct ServeArgs {
     /// Address to listen on (HTTP/1.1 and h2c on the same port).
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
+    /// Serve the admin API only on this address (the --listen port then
+    /// answers 404 under /v1/admin) [default: the admin API is on --listen].
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Redis URL.
     #[arg(
         long,
@@ -226,8 +230,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         let mut out = std::io::stdout().lock();
         let _ = write!(
             out,
-            "configuration OK\nlisten:           {}\n{}",
+            "configuration OK\nlisten:           {}\nadmin listen:     {}\n{}",
             args.listen,
+            args.admin_listen.map_or_else(|| "same as listen".to_string(), |a| a.to_string()),
             config.summary()
         );
         let _ = out.flush();
@@ -241,8 +246,18 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let admin_listener = match args.admin_listen {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("sluice: cannot listen on {addr} (--admin-listen): {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = sluice_service::run(listener, config, async move {
+    let server = sluice_service::run_split(listener, admin_listener, config, async move {
         let _ = rx.await;
     });
     serve_with_trigger(server, tx).await
