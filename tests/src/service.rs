@@ -18,6 +18,7 @@ pub const TEST_ADMIN_TOKEN: &str = "sluice-test-admin-token-0123456789";
 /// developer's shell cannot change what a test runs.
 const SLUICE_ENV: &[&str] = &[
     "SLUICE_LISTEN",
+    "SLUICE_ADMIN_LISTEN",
     "SLUICE_REDIS_URL",
     "SLUICE_TIERS",
     "SLUICE_ADMIN_TOKEN",
