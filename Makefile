@@ -99,6 +99,7 @@ soak: deps build
 # so clippy also runs on the filter for that target, with `make wasm`'s toolchain.
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p sluice-tests --features faults,soak --all-targets -- -D warnings
 	@if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET); then \
 	  echo "clippy: rustup toolchain, target $(WASM_TARGET)"; \
 	  $(CARGO) clippy --release --target $(WASM_TARGET) -p sluice-filter -- -D warnings; \

@@ -268,9 +268,10 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
 
     // Flatness over the last 10 minutes (or the last half of a shorter run).
     let end = samples.last().map_or(0.0, |s| s.t_s);
-    let span = (end / 2.0).min(600.0).max(1.0);
+    let span = (end / 2.0).clamp(1.0, 600.0);
     let tail: Vec<Sample> = samples.iter().copied().filter(|s| s.t_s >= end - span).collect();
-    let metrics: [(&str, fn(&Sample) -> u64); 4] = [
+    type Metric = (&'static str, fn(&Sample) -> u64);
+    let metrics: [Metric; 4] = [
         ("envoy_rss_kb", |s| s.envoy_rss_kb),
         ("service_rss_kb", |s| s.service_rss_kb),
         ("redis_used_memory", |s| s.redis_used_memory),
