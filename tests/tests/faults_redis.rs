@@ -187,3 +187,25 @@ fn redis_black_holed_by_the_network_fails_within_the_timeout_and_the_service_rec
     assert_eq!(f.service.get("/readyz").status, 200);
     assert_every_key_expires(&f.redis);
 }
+
+#[test]
+fn redis_out_of_memory_under_noeviction_takes_the_failure_mode_and_resumes_when_memory_is_freed() {
+    let f = Faulty::start(false, false);
+    let tenant = "oom-tenant";
+    f.set_limits(tenant, json!({"hour": 5}));
+    assert_eq!(f.get(OPEN_PATH, tenant).0.status, 200);
+    // Every write is refused (OOM), as in a full Redis that must not evict
+    // counters (an evicted counter would hand the tenant a fresh window).
+    f.redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    f.redis.cmd(&["CONFIG", "SET", "maxmemory", "1"]);
+    for _ in 0..2 {
+        assert_failure_modes_hold(&f, tenant, "redis out of memory");
+    }
+    assert!(f.service.metrics().lines().any(|l| l.starts_with("sluice_redis_errors_total{op=\"check\"}")), "counted as Redis errors");
+    f.redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+    f.wait_decided("oom-probe");
+    // 1 counted before; nothing was counted while Redis refused writes.
+    let codes: Vec<u16> = (0..5).map(|_| f.get(OPEN_PATH, tenant).0.status).collect();
+    assert_eq!(codes, vec![200, 200, 200, 200, 429]);
+    assert_every_key_expires(&f.redis);
+}
