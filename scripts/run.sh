@@ -16,6 +16,7 @@ ENVOY_BIN=$("$ROOT/scripts/envoy-bin.sh")
 REDIS_PORT=6380
 SERVICE_ADDR=127.0.0.1:8081
 UPSTREAM_ADDR=127.0.0.1:8082
+QUEUE_ADDR=127.0.0.1:8083
 ENVOY_PORT=10000
 ADMIN_PORT=9901
 
@@ -27,7 +28,7 @@ die() { say "$*" >&2; exit 1; }
 command -v redis-server >/dev/null || die "redis-server is missing: run 'make deps'"
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$REDIS_PORT" 8081 8082 "$ENVOY_PORT" "$ADMIN_PORT"; do
+for port in "$REDIS_PORT" 8081 8082 8083 "$ENVOY_PORT" "$ADMIN_PORT"; do
   port_busy "$port" && die "127.0.0.1:$port is already in use (another 'make run'?); stop it first"
 done
 
@@ -101,9 +102,10 @@ start redis "$LOGS/redis.log" redis-server --port "$REDIS_PORT" --bind 127.0.0.1
   --appendonly yes --save "" --daemonize no --protected-mode no --logfile ""
 wait_for redis redis-cli -p "$REDIS_PORT" ping
 
-say "starting the quota service on $SERVICE_ADDR"
+say "starting the quota service on $SERVICE_ADDR (queue listener $QUEUE_ADDR, upstreams envoy/upstreams.json)"
 start sluice "$LOGS/sluice.log" "$SLUICE_BIN" serve --listen "$SERVICE_ADDR" \
-  --redis-url "redis://127.0.0.1:$REDIS_PORT/" --admin-token-file "$TOKEN_FILE"
+  --redis-url "redis://127.0.0.1:$REDIS_PORT/" --admin-token-file "$TOKEN_FILE" \
+  --queue-listen "$QUEUE_ADDR" --upstreams envoy/upstreams.json --workers 2
 wait_for sluice curl -fsS "http://$SERVICE_ADDR/healthz"
 
 say "starting the demo upstream on $UPSTREAM_ADDR"
@@ -133,6 +135,11 @@ Sluice is up. Logs: .run/logs/   Ctrl-C stops everything.
   curl -s localhost:8081/v1/admin/tenants/\$T -H "authorization: Bearer $ADMIN_TOKEN"
   curl -s -X PUT localhost:8081/v1/admin/tenants/\$T/tier -H "authorization: Bearer $ADMIN_TOKEN" \\
        -H 'content-type: application/json' -d '{"tier":"pro"}'
+  # the gpu route has a capacity of 5 requests/s (envoy/upstreams.json): overflow waits in the queue
+  for i in \$(seq 1 20); do curl -s -o /dev/null -w '%{http_code} %{time_total}s\\n' localhost:$ENVOY_PORT/v1/gpu/run -H 'x-tenant-id: acme' & done; wait
+  # async: 202 with a Location, then the upstream's answer
+  curl -si localhost:$ENVOY_PORT/v1/gpu/run -H 'x-tenant-id: acme' -H 'prefer: respond-async'
+  curl -s localhost:8081/v1/queue/stats
   # filter counters
   curl -s localhost:$ADMIN_PORT/stats/prometheus | grep '^sluice_'
 

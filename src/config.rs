@@ -6,7 +6,7 @@
 use crate::cost::{self, CostRules};
 use hashbrown::HashMap;
 use serde_json::{Map, Value};
-use sluice_wire::{is_valid_policy_name, RouteLimit, Window};
+use sluice_wire::{is_valid_policy_name, OnQuotaExceeded, RouteLimit, Window};
 use std::fmt;
 use std::sync::Arc;
 
@@ -37,6 +37,12 @@ pub struct Policy {
     pub shadow: bool,
     /// Report the upstream latency of admitted requests to the service.
     pub report_latency: bool,
+    /// The upstream (named in the service's upstreams file) whose capacity
+    /// the route spends; `None`: quotas only.
+    pub upstream: Option<String>,
+    pub on_quota_exceeded: OnQuotaExceeded,
+    /// Max wait in the queue; `None`: the upstream's default.
+    pub max_wait_ms: Option<u64>,
 }
 
 /// What a policy inherits from the top level.
@@ -59,6 +65,9 @@ pub struct CompiledConfig {
     pub unavailable_retry_after_s: u64,
     /// In shadow mode, still put the rate-limit headers on responses.
     pub shadow_headers: bool,
+    /// Envoy cluster of the queue listener; overflow can only be queued
+    /// when it is set and Envoy knows it.
+    pub queue_cluster: Option<String>,
     exempt_exact: Vec<String>,
     exempt_prefixes: Vec<String>,
     default_policy: Policy,
@@ -95,6 +104,8 @@ pub const DEFAULT_AUTHORITY: &str = "sluice-quota";
 pub const MAX_NUMBER: u64 = 1_000_000_000_000;
 const MAX_COST: u64 = 1_000_000;
 const MAX_TIMEOUT_MS: u64 = 60_000;
+/// Longest max wait a route may ask for (one hour).
+pub const MAX_WAIT_MS: u64 = 3_600_000;
 
 const TOP_FIELDS: &[&str] = &[
     "quota_cluster",
@@ -109,6 +120,7 @@ const TOP_FIELDS: &[&str] = &[
     "shadow",
     "shadow_headers",
     "report_latency",
+    "queue_cluster",
 ];
 const POLICY_FIELDS: &[&str] = &[
     "name",
@@ -122,6 +134,9 @@ const POLICY_FIELDS: &[&str] = &[
     "upload",
     "shadow",
     "report_latency",
+    "upstream",
+    "on_quota_exceeded",
+    "max_wait_ms",
 ];
 
 /// Parses and validates the plugin configuration.
@@ -168,6 +183,11 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         report_latency: opt_bool(top, "report_latency", "report_latency")?.unwrap_or(false),
     };
     let shadow_headers = opt_bool(top, "shadow_headers", "shadow_headers")?.unwrap_or(false);
+    let queue_cluster = match opt_str(top, "queue_cluster", "queue_cluster")? {
+        Some(s) if !s.trim().is_empty() => Some(s.to_string()),
+        Some(_) => return err("queue_cluster", "must not be empty"),
+        None => None,
+    };
 
     let mut exempt_exact = Vec::new();
     let mut exempt_prefixes = Vec::new();
@@ -210,6 +230,9 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
             upload: false,
             shadow: inherited.shadow,
             report_latency: inherited.report_latency,
+            upstream: None,
+            on_quota_exceeded: OnQuotaExceeded::Reject,
+            max_wait_ms: None,
         },
     };
 
@@ -263,6 +286,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         tenant_header,
         unavailable_retry_after_s,
         shadow_headers,
+        queue_cluster,
         exempt_exact,
         exempt_prefixes,
         default_policy,
@@ -317,7 +341,43 @@ fn parse_policy(v: &Value, path: &str, inherited: Inherited) -> Result<Policy, C
     if exempt && (cost_rules.is_some() || upload) {
         return err(&format!("{path}.exempt"), "an exempt policy counts nothing: drop cost_rules and upload");
     }
-    Ok(Policy { name, cost, failure_mode, exempt, limits, cost_rules, upload, shadow, report_latency })
+    let upstream = match opt_str(o, "upstream", &format!("{path}.upstream"))? {
+        Some(u) if is_valid_policy_name(u) => Some(u.to_string()),
+        Some(_) => return err(&format!("{path}.upstream"), "must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+        None => None,
+    };
+    let on_quota_exceeded = match opt_str(o, "on_quota_exceeded", &format!("{path}.on_quota_exceeded"))? {
+        None | Some("reject") => OnQuotaExceeded::Reject,
+        Some("queue") => OnQuotaExceeded::Queue,
+        Some(other) => {
+            return err(&format!("{path}.on_quota_exceeded"), format!("must be \"reject\" or \"queue\", not {other:?}"))
+        }
+    };
+    let max_wait_ms = opt_positive(o, "max_wait_ms", &format!("{path}.max_wait_ms"), MAX_WAIT_MS)?;
+    if upstream.is_none() {
+        for f in ["on_quota_exceeded", "max_wait_ms"] {
+            if o.contains_key(f) {
+                return err(&format!("{path}.{f}"), "needs `upstream`: only a route with an upstream has a queue");
+            }
+        }
+    }
+    if exempt && upstream.is_some() {
+        return err(&format!("{path}.upstream"), "an exempt route is never checked, so it can not spend an upstream's capacity");
+    }
+    Ok(Policy {
+        name,
+        cost,
+        failure_mode,
+        exempt,
+        limits,
+        cost_rules,
+        upload,
+        shadow,
+        report_latency,
+        upstream,
+        on_quota_exceeded,
+        max_wait_ms,
+    })
 }
 
 fn opt_bool(o: &Map<String, Value>, key: &str, field: &str) -> Result<Option<bool>, ConfigError> {
@@ -406,6 +466,11 @@ impl CompiledConfig {
 
     pub fn has_named_policies(&self) -> bool {
         !self.policies.is_empty()
+    }
+
+    /// Whether any route spends an upstream's capacity (and may overflow).
+    pub fn uses_upstreams(&self) -> bool {
+        self.default_policy.upstream.is_some() || self.policies.iter().any(|p| p.upstream.is_some())
     }
 
     /// Picks the policy for a request. `metadata_policy` is the
@@ -506,6 +571,7 @@ mod tests {
             ("policies[0].cost", base.replace('X', r#""policies":[{"name":"a","cost":{v}}]"#), false),
             ("policies[0].limits.hour", base.replace('X', r#""policies":[{"name":"a","limits":{"hour":{v}}}]"#), true),
             ("policies[0].limits.month", base.replace('X', r#""policies":[{"name":"a","limits":{"month":{v}}}]"#), true),
+            ("policies[0].max_wait_ms", base.replace('X', r#""policies":[{"name":"a","upstream":"gpu","max_wait_ms":{v}}]"#), false),
             ("policies[0].cost_rules.tokens_per_unit", base.replace('X', &rules.replace('X', r#""tokens_per_unit":{v}"#)), false),
             ("policies[0].cost_rules.default_max_tokens", base.replace('X', &rules.replace('X', r#""default_max_tokens":{v}"#)), true),
             ("policies[0].cost_rules.max_tokens_limit", base.replace('X', &rules.replace('X', r#""max_tokens_limit":{v}"#)), false),
@@ -571,6 +637,36 @@ mod tests {
         assert_eq!(bad(r#"{"quota_cluster":"q","tenant_header":"x-sluice-tenant"}"#).field, "tenant_header");
         assert_eq!(bad("[1]").field, "(config)");
         assert_eq!(bad("not json").field, "(config)");
+    }
+
+    #[test]
+    fn upstream_routes_take_a_queue_mode_and_a_max_wait() {
+        let c = compile(
+            br#"{"quota_cluster":"q","queue_cluster":"sluice_queue","policies":[
+                {"name":"llm","path_prefix":"/llm/","upstream":"gpu","on_quota_exceeded":"queue","max_wait_ms":5000},
+                {"name":"plain","path_prefix":"/p/","upstream":"gpu"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.queue_cluster.as_deref(), Some("sluice_queue"));
+        let llm = c.select("/llm/x", None, None);
+        assert_eq!((llm.upstream.as_deref(), llm.on_quota_exceeded, llm.max_wait_ms), (Some("gpu"), OnQuotaExceeded::Queue, Some(5000)));
+        let plain = c.select("/p/x", None, None);
+        assert_eq!((plain.on_quota_exceeded, plain.max_wait_ms), (OnQuotaExceeded::Reject, None));
+        assert!(c.uses_upstreams());
+        assert!(!compile(br#"{"quota_cluster":"q"}"#).unwrap().uses_upstreams());
+    }
+
+    #[test]
+    fn queue_settings_without_an_upstream_or_out_of_range_are_rejected_with_the_field() {
+        let p = |policy: &str| bad(&format!(r#"{{"quota_cluster":"q","policies":[{policy}]}}"#));
+        assert_eq!(p(r#"{"name":"a","on_quota_exceeded":"queue"}"#).field, "policies[0].on_quota_exceeded");
+        assert_eq!(p(r#"{"name":"a","max_wait_ms":10}"#).field, "policies[0].max_wait_ms");
+        assert_eq!(p(r#"{"name":"a","upstream":"u","on_quota_exceeded":"wait"}"#).field, "policies[0].on_quota_exceeded");
+        assert_eq!(p(r#"{"name":"a","upstream":"u","max_wait_ms":0}"#).field, "policies[0].max_wait_ms");
+        assert_eq!(p(r#"{"name":"a","upstream":"u","max_wait_ms":3600001}"#).field, "policies[0].max_wait_ms");
+        assert_eq!(p(r#"{"name":"a","upstream":"a b"}"#).field, "policies[0].upstream");
+        assert_eq!(p(r#"{"name":"a","upstream":"u","exempt":true}"#).field, "policies[0].upstream");
+        assert_eq!(bad(r#"{"quota_cluster":"q","queue_cluster":""}"#).field, "queue_cluster");
     }
 
     #[test]

@@ -1,18 +1,15 @@
 //! What the filter does with a request once it knows (or can not know) the
 //! quota service's answer. Pure functions over plain data: every header and
-//! body a client can see from Sluice is computed here, in one place.
+//! body a client can see from Sluice is computed here or in the shared
+//! `sluice_wire::reply` (which the queue service uses too, so a queued
+//! request gets exactly the answers a direct one would).
 
 use crate::config::FailureMode;
 use serde_json::{json, Value};
-use sluice_wire::{CheckResponse, WindowState};
-use std::fmt::Write;
+use sluice_wire::reply::{self, Reply};
+use sluice_wire::{is_valid_policy_name, CheckResponse, QueueTicket, Reason};
 
-/// Response headers Sluice owns: removed from upstream responses before
-/// ours are set, so a client never sees two of them.
-pub const OWNED_RESPONSE_HEADERS: &[&str] =
-    &["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy", "ratelimit"];
-
-pub type Headers = Vec<(&'static str, String)>;
+pub use sluice_wire::reply::{rate_limit_headers, Headers, OWNED_RESPONSE_HEADERS};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -21,6 +18,9 @@ pub enum Outcome {
     /// Route it to this reserved pool (the `x-sluice-pool` request header).
     /// `shadow_denied`: the quota said no, shadow mode forwards it anyway.
     Admit { headers: Headers, pool: Option<String>, shadow_denied: bool },
+    /// Forward the request to the queue cluster: add the internal headers
+    /// of the ticket and let Envoy's route table re-route it.
+    Queue { ticket: QueueTicket },
     /// Answer locally.
     Reply { status: u32, headers: Headers, body: String },
 }
@@ -71,7 +71,9 @@ pub fn parse_answer(status: Option<&[u8]>, body: Option<&[u8]>) -> Result<CheckR
     let resp: CheckResponse = serde_json::from_slice(body).map_err(|_| CalloutFailure::Malformed)?;
     let consistent = !resp.windows.is_empty()
         && resp.binding < resp.windows.len()
-        && resp.windows.iter().all(|w| w.remaining <= w.limit && !w.name.is_empty() && w.name.bytes().all(is_sf_safe));
+        && resp.windows.iter().all(|w| w.remaining <= w.limit && !w.name.is_empty() && w.name.bytes().all(is_sf_safe))
+        && resp.queue.as_ref().is_none_or(is_valid_ticket)
+        && (resp.reason == Some(Reason::Queued)) == resp.queue.is_some();
     if consistent {
         Ok(resp)
     } else {
@@ -92,12 +94,20 @@ fn is_sf_safe(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')
 }
 
+/// A ticket is copied into request headers: only header-safe values.
+fn is_valid_ticket(t: &QueueTicket) -> bool {
+    is_valid_policy_name(&t.upstream) && t.ticket.len() == 32 && t.ticket.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Turns a decision into what the client gets. In shadow mode (the route's
-/// or, as the service says, the tenant's) nothing is blocked: a denial is
-/// forwarded, and the rate-limit headers are only added when
-/// `shadow_headers` is on.
-pub fn decide(resp: &CheckResponse, route_shadow: bool, shadow_headers: bool) -> Outcome {
-    let pool = resp.reserved_pool.clone().filter(|p| sluice_wire::is_valid_policy_name(p));
+/// or, as the service says, the tenant's) nothing is blocked or queued: a
+/// denial is forwarded, and the rate-limit headers are only added when
+/// `shadow_headers` is on. `can_queue` is whether this filter has a queue
+/// cluster: a queue ticket without one is answered like overflow without a
+/// queue, 429 `capacity_exceeded` (case H13), so the request never reaches
+/// the upstream around its capacity limit.
+pub fn decide(resp: &CheckResponse, route_shadow: bool, shadow_headers: bool, can_queue: bool) -> Outcome {
+    let pool = resp.reserved_pool.clone().filter(|p| is_valid_policy_name(p));
     let Some(binding) = resp.windows.get(resp.binding) else {
         // parse_answer guarantees the index; stay total anyway.
         return Outcome::Admit { headers: Vec::new(), pool, shadow_denied: false };
@@ -112,50 +122,38 @@ pub fn decide(resp: &CheckResponse, route_shadow: bool, shadow_headers: bool) ->
     if resp.allowed {
         return Outcome::Admit { headers, pool, shadow_denied: false };
     }
-    if let Some(st) = resp.storage.as_ref().filter(|s| s.exceeded) {
-        // 413, not 429: waiting does not help until the tenant deletes
-        // data, and clients (the openai package among them) retry 429s.
-        let body = json!({
-            "error": "storage_quota_exceeded",
-            "message": format!("tenant storage quota exceeded: {} of {} bytes used", st.used, st.limit),
-            "used": st.used,
-            "limit": st.limit,
-            "tier": resp.tier,
-        });
-        return reply(413, Vec::new(), &body);
+    if let Some(ticket) = &resp.queue {
+        if can_queue {
+            return Outcome::Queue { ticket: ticket.clone() };
+        }
+        let mut no_queue = resp.clone();
+        no_queue.reason = Some(Reason::Capacity);
+        no_queue.retry_after = Some(resp.retry_after.unwrap_or(1));
+        return from_reply(reply::denial(&no_queue));
     }
-    let retry_after = resp.retry_after.unwrap_or(binding.reset_in).max(1);
-    headers.push(("retry-after", retry_after.to_string()));
-    let body = json!({
-        "error": "quota_exceeded",
-        "message": format!("tenant quota exceeded for the {} window", binding.name),
-        "window": binding.name,
-        "limit": binding.limit,
-        "remaining": 0,
-        "reset": binding.reset,
-        "retry_after": retry_after,
-        "tier": resp.tier,
-    });
-    reply(429, headers, &body)
+    from_reply(reply::denial(resp))
 }
 
-/// The five rate-limit fields for a decision. The X- fields describe the
-/// binding window; the IETF fields list every window.
-pub fn rate_limit_headers(windows: &[WindowState], binding: &WindowState) -> Headers {
-    let mut policy = String::new();
-    let mut state = String::new();
-    for (i, w) in windows.iter().enumerate() {
-        let sep = if i == 0 { "" } else { ", " };
-        let _ = write!(policy, "{sep}\"{}\";q={};w={}", w.name, w.limit, w.window.nominal_secs());
-        let _ = write!(state, "{sep}\"{}\";r={};t={}", w.name, w.remaining, w.reset_in);
+/// What a queue ticket gets when the filter can not forward it after all.
+pub fn no_queue() -> Outcome {
+    from_reply(Some(reply::error(
+        429,
+        "capacity_exceeded",
+        "the upstream is at capacity and this tenant is over its fair share; no queue is available on this route",
+        Some(1),
+    )))
+}
+
+fn from_reply(r: Option<Reply>) -> Outcome {
+    match r {
+        Some(r) => Outcome::Reply { status: u32::from(r.status), headers: r.headers, body: r.body },
+        // Not reachable for a denial; never admit by accident.
+        None => reply(
+            429,
+            vec![("retry-after", "1".to_string())],
+            &json!({"error": "quota_exceeded", "message": "tenant quota exceeded"}),
+        ),
     }
-    vec![
-        ("x-ratelimit-limit", binding.limit.to_string()),
-        ("x-ratelimit-remaining", binding.remaining.to_string()),
-        ("x-ratelimit-reset", binding.reset.to_string()),
-        ("ratelimit-policy", policy),
-        ("ratelimit", state),
-    ]
 }
 
 /// The route's failure mode, applied when no decision could be had.
@@ -200,16 +198,15 @@ pub fn invalid_request(field: &str, message: &str) -> Outcome {
     )
 }
 
-fn reply(status: u32, mut headers: Headers, body: &Value) -> Outcome {
-    headers.push(("content-type", "application/json".to_string()));
-    headers.push(("cache-control", "no-store".to_string()));
-    Outcome::Reply { status, headers, body: body.to_string() }
+fn reply(status: u16, headers: Headers, body: &Value) -> Outcome {
+    let r = reply::json_reply(status, headers, body);
+    Outcome::Reply { status: u32::from(r.status), headers: r.headers, body: r.body }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_wire::Window;
+    use sluice_wire::{Window, WindowState};
 
     fn win(name: &str, window: Window, limit: u64, used: u64, reset_in: u64) -> WindowState {
         WindowState {
@@ -239,8 +236,10 @@ mod tests {
             storage: None,
             shadow: false,
             reserved_pool: None,
+            reason: None,
+            queue: None,
         };
-        let Outcome::Admit { headers, pool, shadow_denied } = decide(&resp, false, false) else { panic!("not admitted") };
+        let Outcome::Admit { headers, pool, shadow_denied } = decide(&resp, false, false, true) else { panic!("not admitted") };
         assert_eq!((pool, shadow_denied), (None, false));
         assert_eq!(header(&headers, "x-ratelimit-limit"), ["100"]);
         assert_eq!(header(&headers, "x-ratelimit-remaining"), ["1"]);
@@ -262,8 +261,10 @@ mod tests {
             storage: None,
             shadow: false,
             reserved_pool: None,
+            reason: None,
+            queue: None,
         };
-        let Outcome::Reply { status, headers, body } = decide(&resp, false, false) else { panic!("not a reply") };
+        let Outcome::Reply { status, headers, body } = decide(&resp, false, false, true) else { panic!("not a reply") };
         assert_eq!(status, 429);
         assert_eq!(header(&headers, "retry-after"), ["600"]);
         assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
@@ -289,8 +290,10 @@ mod tests {
             storage: None,
             shadow: false,
             reserved_pool: None,
+            reason: None,
+            queue: None,
         };
-        let Outcome::Reply { status, headers, .. } = decide(&resp, false, false) else { panic!("not a reply") };
+        let Outcome::Reply { status, headers, .. } = decide(&resp, false, false, true) else { panic!("not a reply") };
         assert_eq!(status, 429);
         assert_eq!(header(&headers, "x-ratelimit-limit"), ["0"]);
         assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
@@ -308,19 +311,76 @@ mod tests {
             storage: None,
             shadow,
             reserved_pool: pool.map(str::to_string),
+            reason: None,
+            queue: None,
         }
+    }
+
+    fn queued(ticket: &str) -> CheckResponse {
+        CheckResponse {
+            allowed: false,
+            tier: "free".into(),
+            windows: vec![win("hour", Window::Hour, 100, 3, 600)],
+            binding: 0,
+            retry_after: Some(1),
+            reservation: None,
+            storage: None,
+            shadow: false,
+            reserved_pool: None,
+            reason: Some(Reason::Queued),
+            queue: Some(QueueTicket { upstream: "llm".into(), ticket: ticket.into() }),
+        }
+    }
+
+    #[test]
+    fn a_queue_ticket_forwards_to_the_queue_when_the_filter_has_one() {
+        let resp = queued("0123456789abcdef0123456789abcdef");
+        assert_eq!(decide(&resp, false, false, true), Outcome::Queue { ticket: resp.queue.clone().unwrap() });
+    }
+
+    #[test]
+    fn h13_a_queue_ticket_without_a_queue_cluster_is_a_429_with_retry_after() {
+        let Outcome::Reply { status, headers, body } = decide(&queued("0123456789abcdef0123456789abcdef"), false, false, false) else {
+            panic!("must reply")
+        };
+        assert_eq!(status, 429);
+        assert_eq!(header(&headers, "retry-after"), ["1"]);
+        assert!(body.contains(r#""error":"capacity_exceeded""#), "{body}");
+        let Outcome::Reply { status, .. } = no_queue() else { panic!() };
+        assert_eq!(status, 429);
+    }
+
+    #[test]
+    fn in_shadow_mode_a_queue_ticket_is_forwarded_like_any_denial() {
+        let mut resp = queued("0123456789abcdef0123456789abcdef");
+        resp.shadow = true;
+        assert!(matches!(decide(&resp, false, false, true), Outcome::Admit { shadow_denied: true, .. }));
+    }
+
+    #[test]
+    fn tickets_that_are_not_header_safe_make_the_answer_malformed() {
+        for bad in ["short", "0123456789abcdef0123456789abcdeX", "0123456789abcdef0123456789abcdef\r\nx: y"] {
+            let body = serde_json::to_vec(&queued(bad)).unwrap();
+            assert_eq!(parse_answer(Some(b"200"), Some(&body)), Err(CalloutFailure::Malformed), "{bad}");
+        }
+        let mut no_ticket = queued("0123456789abcdef0123456789abcdef");
+        no_ticket.queue = None;
+        let body = serde_json::to_vec(&no_ticket).unwrap();
+        assert_eq!(parse_answer(Some(b"200"), Some(&body)), Err(CalloutFailure::Malformed));
+        let ok = serde_json::to_vec(&queued("0123456789abcdef0123456789abcdef")).unwrap();
+        assert!(parse_answer(Some(b"200"), Some(&ok)).is_ok());
     }
 
     #[test]
     fn shadow_mode_forwards_denials_with_headers_only_when_asked() {
         for (route, tenant) in [(true, false), (false, true)] {
-            let Outcome::Admit { headers, shadow_denied, .. } = decide(&denied(tenant, None), route, false) else {
+            let Outcome::Admit { headers, shadow_denied, .. } = decide(&denied(tenant, None), route, false, true) else {
                 panic!("shadow must not block")
             };
             assert!(shadow_denied);
             assert!(headers.is_empty());
         }
-        let Outcome::Admit { headers, .. } = decide(&denied(true, None), false, true) else { panic!() };
+        let Outcome::Admit { headers, .. } = decide(&denied(true, None), false, true, true) else { panic!() };
         assert_eq!(header(&headers, "x-ratelimit-remaining"), ["0"]);
         assert!(header(&headers, "retry-after").is_empty(), "nothing says retry: it went through");
     }
@@ -329,12 +389,12 @@ mod tests {
     fn a_reserved_pool_routes_admitted_requests_and_bad_names_are_ignored() {
         let mut ok = denied(false, Some("gold"));
         ok.allowed = true;
-        let Outcome::Admit { pool, .. } = decide(&ok, false, false) else { panic!() };
+        let Outcome::Admit { pool, .. } = decide(&ok, false, false, true) else { panic!() };
         assert_eq!(pool.as_deref(), Some("gold"));
         ok.reserved_pool = Some("bad name\r\n".into());
-        let Outcome::Admit { pool, .. } = decide(&ok, false, false) else { panic!() };
+        let Outcome::Admit { pool, .. } = decide(&ok, false, false, true) else { panic!() };
         assert_eq!(pool, None);
-        assert!(matches!(decide(&denied(false, Some("gold")), false, false), Outcome::Reply { status: 429, .. }));
+        assert!(matches!(decide(&denied(false, Some("gold")), false, false, true), Outcome::Reply { status: 429, .. }));
     }
 
     #[test]
@@ -400,8 +460,10 @@ mod tests {
             storage: Some(sluice_wire::StorageState { used: 10, limit: 10, exceeded: true }),
             shadow: false,
             reserved_pool: None,
+            reason: None,
+            queue: None,
         };
-        let Outcome::Reply { status, headers, body } = decide(&resp, false, false) else { panic!("not a reply") };
+        let Outcome::Reply { status, headers, body } = decide(&resp, false, false, true) else { panic!("not a reply") };
         assert_eq!(status, 413);
         assert!(header(&headers, "retry-after").is_empty());
         let v: Value = serde_json::from_str(&body).unwrap();

@@ -21,14 +21,18 @@
 use crate::config::{self, CompiledConfig};
 use crate::cost::{Body, CostRules};
 use crate::decision::{self, CalloutFailure, Outcome, OWNED_RESPONSE_HEADERS};
+use crate::host;
 use crate::pairs;
 use crate::tenant::{self, TenantError};
 use crate::usage::{self, SseScanner};
 use hashbrown::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
-use sluice_wire::{CheckRequest, ReportRequest, UsageReport, CHECK_PATH, POOL_HEADER, REPORT_PATH, USAGE_PATH};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use sluice_wire::{
+    CheckRequest, QueueTicket, Reason, ReportRequest, UsageReport, CHECK_PATH, POOL_HEADER, QUEUE_HEADER,
+    REPORT_PATH, TICKET_HEADER, USAGE_PATH,
+};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -41,7 +45,7 @@ proxy_wasm::main! {{
 }}
 
 /// Envoy stat names (exported with Envoy's `wasmcustom.` prefix).
-const METRIC_NAMES: [&str; 16] = [
+const METRIC_NAMES: [&str; 18] = [
     "sluice.allowed",
     "sluice.denied",
     "sluice.failed_open",
@@ -58,6 +62,8 @@ const METRIC_NAMES: [&str; 16] = [
     "sluice.shadow_denied",
     "sluice.reserved",
     "sluice.latency_reports",
+    "sluice.queued",
+    "sluice.overflow_rejected",
 ];
 
 #[derive(Clone, Copy)]
@@ -78,6 +84,8 @@ enum Metric {
     ShadowDenied,
     Reserved,
     LatencyReports,
+    Queued,
+    OverflowRejected,
 }
 
 #[derive(Default)]
@@ -89,14 +97,14 @@ impl Metrics {
     fn define() -> Metrics {
         let mut m = Metrics::default();
         for (slot, name) in m.ids.iter_mut().zip(METRIC_NAMES) {
-            *slot = hostcalls::define_metric(MetricType::Counter, name).ok();
+            *slot = host::define_counter(name);
         }
         m
     }
 
     fn inc(&self, metric: Metric) {
         if let Some(Some(id)) = self.ids.get(metric as usize) {
-            let _ = hostcalls::increment_metric(*id, 1);
+            host::increment(*id);
         }
     }
 }
@@ -140,6 +148,8 @@ struct Root {
     outbox: Rc<RefCell<Outbox>>,
     /// Report callouts in flight (the configure-time probe is not one).
     reports_in_flight: HashMap<u32, ReportKind>,
+    /// Whether `queue_cluster` is set and Envoy knows it (probed at configure).
+    can_queue: bool,
 }
 
 impl Context for Root {
@@ -147,7 +157,7 @@ impl Context for Root {
         let Some(kind) = self.reports_in_flight.remove(&token) else {
             return;
         };
-        let status = map_value(MapType::HttpCallResponseHeaders, ":status");
+        let status = host::header(MapType::HttpCallResponseHeaders, ":status");
         if kind == ReportKind::Latency {
             // Best effort: a lost latency report only thins the histogram.
             if status.as_deref() == Some(b"204") {
@@ -167,13 +177,11 @@ impl Context for Root {
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         self.metrics = Rc::new(Metrics::define());
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
-            Ok(Some(b)) => b,
-            _ => Vec::new(),
-        };
+        let bytes = host::buffer(BufferType::PluginConfiguration, 0, size).unwrap_or_default();
         match config::compile(&bytes) {
             Ok(c) => {
                 probe_cluster(&c);
+                self.can_queue = probe_queue_cluster(&c);
                 self.config = Some(Rc::new(c));
                 true
             }
@@ -189,6 +197,7 @@ impl RootContext for Root {
             config: self.config.clone(),
             metrics: Rc::clone(&self.metrics),
             outbox: Rc::clone(&self.outbox),
+            can_queue: self.can_queue,
             phase: Phase::Start,
             tracker: None,
             latency: None,
@@ -203,7 +212,7 @@ impl RootContext for Root {
             outbox.armed = false;
             outbox.reports.drain(..).collect()
         };
-        let _ = hostcalls::set_tick_period(Duration::ZERO);
+        host::set_tick_period(Duration::ZERO);
         let Some(config) = self.config.clone() else { return };
         for (kind, body) in reports {
             let headers = vec![
@@ -242,6 +251,25 @@ fn probe_cluster(c: &CompiledConfig) {
             "quota_cluster {:?} is not a cluster this Envoy knows; every request will take its route's failure mode",
             c.quota_cluster
         );
+    }
+}
+
+/// Whether overflow can be queued: `queue_cluster` is set and Envoy knows
+/// it. Without it, overflow is answered 429 (case H13) and never forwarded.
+fn probe_queue_cluster(c: &CompiledConfig) -> bool {
+    let Some(cluster) = c.queue_cluster.as_deref() else {
+        if c.uses_upstreams() {
+            log::warn!("routes have an upstream but no queue_cluster is set; overflow is answered 429");
+        }
+        return false;
+    };
+    let headers = vec![(":method", "GET"), (":path", "/healthz"), (":authority", "sluice-queue")];
+    match hostcalls::dispatch_http_call(cluster, headers, None, vec![], Duration::from_millis(c.timeout_ms)) {
+        Ok(_) => true,
+        Err(_) => {
+            log::error!("queue_cluster {cluster:?} is not a cluster this Envoy knows; overflow is answered 429");
+            false
+        }
     }
 }
 
@@ -302,6 +330,7 @@ struct Request {
     config: Option<Rc<CompiledConfig>>,
     metrics: Rc<Metrics>,
     outbox: Rc<RefCell<Outbox>>,
+    can_queue: bool,
     phase: Phase,
     tracker: Option<Tracker>,
     latency: Option<PendingLatency>,
@@ -318,16 +347,29 @@ impl Request {
                     self.route_to_pool(&pool);
                 }
                 if let Some(l) = self.latency.as_mut() {
-                    l.forwarded_at = hostcalls::get_current_time().ok();
+                    l.forwarded_at = host::now();
                 }
                 self.phase = if headers.is_empty() { Phase::Done } else { Phase::Admitted { headers } };
                 Action::Continue
+            }
+            Outcome::Queue { ticket } => {
+                // The queue service answers with the dispatch-time rate-limit
+                // headers itself: leave the response alone.
+                self.latency = None;
+                if self.forward_to_queue(&ticket) {
+                    self.metrics.inc(Metric::Queued);
+                    self.phase = Phase::Done;
+                    Action::Continue
+                } else {
+                    self.metrics.inc(Metric::OverflowRejected);
+                    self.finish(decision::no_queue())
+                }
             }
             Outcome::Reply { status, headers, body } => {
                 self.phase = Phase::Done;
                 self.latency = None;
                 let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                if hostcalls::send_http_response(status, hs, Some(body.as_bytes())).is_err() {
+                if !host::send_response(status, &hs, body.as_bytes()) {
                     log::warn!("could not send the local {status} reply");
                 }
                 Action::Pause
@@ -339,14 +381,35 @@ impl Request {
     /// (Envoy documents the `clear_route_cache` foreign function as the way
     /// to re-route after a filter changed request headers).
     fn route_to_pool(&self, pool: &str) {
-        if hostcalls::set_map_value(MapType::HttpRequestHeaders, POOL_HEADER, Some(pool)).is_err() {
+        if !host::set_header(MapType::HttpRequestHeaders, POOL_HEADER, Some(pool)) {
             log::warn!("could not set {POOL_HEADER}");
             return;
         }
-        if hostcalls::call_foreign_function("clear_route_cache", None).is_err() {
+        if !host::foreign("clear_route_cache") {
             log::warn!("clear_route_cache is not available; the request keeps its first route");
         }
         self.metrics.inc(Metric::Reserved);
+    }
+
+    /// Adds the queue's internal routing headers; Envoy then picks the route
+    /// again (Envoy 1.40 clears the route cache whenever a wasm filter
+    /// changes request headers, proved by tests/tests/e2e_queue.rs, and the
+    /// foreign function makes it explicit), so the queue route, which
+    /// matches `x-sluice-queue` and comes first in the route table, takes
+    /// the request. Envoy's `xds.*` properties keep describing the first
+    /// route, so the new route can not be checked from here: the route
+    /// table must have the queue route (tests/tests/configs_validate.rs
+    /// checks the shipped ones). False, and the caller answers 429, when the
+    /// headers can not be set.
+    fn forward_to_queue(&self, ticket: &QueueTicket) -> bool {
+        if !host::set_header(MapType::HttpRequestHeaders, QUEUE_HEADER, Some(&ticket.upstream))
+            || !host::set_header(MapType::HttpRequestHeaders, TICKET_HEADER, Some(&ticket.ticket))
+        {
+            host::set_header(MapType::HttpRequestHeaders, QUEUE_HEADER, None);
+            return false;
+        }
+        host::foreign("clear_route_cache");
+        true
     }
 
     /// Queues the upstream latency of an admitted request for the root
@@ -355,7 +418,7 @@ impl Request {
         let Some(PendingLatency { tenant, forwarded_at: Some(at) }) = self.latency.take() else {
             return;
         };
-        let Ok(now) = hostcalls::get_current_time() else { return };
+        let Some(now) = host::now() else { return };
         let ms = now.duration_since(at).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let report = ReportRequest { tenant, upstream_latency_ms: ms.min(3_600_000) };
         if let Ok(body) = serde_json::to_vec(&report) {
@@ -378,7 +441,7 @@ impl Request {
             !std::mem::replace(&mut outbox.armed, true)
         };
         // Sets the root context's timer (Envoy keeps one per root context).
-        if arm && hostcalls::set_tick_period(Duration::from_millis(1)).is_err() {
+        if arm && !host::set_tick_period(Duration::from_millis(1)) {
             self.outbox.borrow_mut().armed = false;
             log::warn!("could not schedule a report");
         }
@@ -394,7 +457,7 @@ impl Request {
     }
 
     fn on_request_headers(&mut self, config: &CompiledConfig, end_of_stream: bool) -> Action {
-        let raw = read_pairs(MapType::HttpRequestHeaders);
+        let raw = host::header_pairs(MapType::HttpRequestHeaders);
         let Some(headers) = pairs::decode(&raw) else {
             return self.finish(decision::invalid_tenant(&config.tenant_header, "unreadable request headers"));
         };
@@ -418,13 +481,13 @@ impl Request {
         let stripped = !internal.is_empty();
         for name in internal {
             if let Ok(name) = std::str::from_utf8(name) {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+                host::set_header(MapType::HttpRequestHeaders, name, None);
             }
         }
         if stripped {
             // Envoy may already have picked a route with the client's
             // header (e.g. a forged x-sluice-pool): pick it again without.
-            let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+            host::foreign("clear_route_cache");
         }
 
         let path = std::str::from_utf8(path).unwrap_or("/");
@@ -470,6 +533,10 @@ impl Request {
             tokens: 0,
             upload: policy.upload,
             shadow: policy.shadow,
+            upstream: policy.upstream.clone(),
+            can_queue: self.can_queue && policy.upstream.is_some(),
+            on_quota_exceeded: policy.on_quota_exceeded,
+            max_wait_ms: policy.max_wait_ms,
         };
         // A route in shadow mode never blocks, not even when the service is down.
         let failure_mode = if policy.shadow { config::FailureMode::Open } else { policy.failure_mode };
@@ -563,11 +630,7 @@ impl Request {
             self.phase = Phase::ReadingBody(pending);
             return Action::Pause;
         }
-        let bytes = if body_size == 0 {
-            None
-        } else {
-            hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size).ok().flatten()
-        };
+        let bytes = if body_size == 0 { None } else { host::buffer(BufferType::HttpRequestBody, 0, body_size) };
         match bytes {
             Some(b) => self.price_and_dispatch(&config, pending, Body::Bytes(&b)),
             None => self.price_and_dispatch(&config, pending, Body::Missing),
@@ -603,7 +666,7 @@ impl Request {
         let Some(t) = self.tracker.as_mut() else { return };
         match &mut t.source {
             UsageSource::Sse(scanner) if body_size > 0 => {
-                if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                if let Some(chunk) = host::buffer(BufferType::HttpResponseBody, 0, body_size) {
                     scanner.feed(&chunk);
                 }
             }
@@ -612,7 +675,7 @@ impl Request {
                 if body_size > room {
                     *overflow = true;
                     copy.clear();
-                } else if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                } else if let Some(chunk) = host::buffer(BufferType::HttpResponseBody, 0, body_size) {
                     copy.extend_from_slice(&chunk);
                 }
             }
@@ -624,60 +687,8 @@ impl Request {
     }
 }
 
-fn read_pairs(map: MapType) -> Vec<u8> {
-    // The SDK decodes names with an unwrap; read the raw map instead.
-    #[link(wasm_import_module = "env")]
-    extern "C" {
-        fn proxy_get_header_map_pairs(map_type: MapType, data: *mut *mut u8, size: *mut usize) -> u32;
-    }
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the host allocates `size` bytes through the SDK's
-    // proxy_on_memory_allocate (a Vec allocation) and hands us ownership.
-    unsafe {
-        if proxy_get_header_map_pairs(map, &mut data, &mut size) != 0 || data.is_null() {
-            return Vec::new();
-        }
-        Vec::from_raw_parts(data, size, size)
-    }
-}
-
-/// One header value, or `None`. The SDK's `get_map_value_bytes` panics on
-/// any status but Ok/NotFound, and Envoy answers BadArgument for the callout
-/// response headers of a callout that failed with a reset (there are none):
-/// that panic killed the VM for every request of the worker. This reads the
-/// raw host call and treats every failure as "no value".
-fn map_value(map: MapType, key: &str) -> Option<Vec<u8>> {
-    #[link(wasm_import_module = "env")]
-    extern "C" {
-        fn proxy_get_header_map_value(
-            map_type: MapType,
-            key_data: *const u8,
-            key_size: usize,
-            value_data: *mut *mut u8,
-            value_size: *mut usize,
-        ) -> u32;
-    }
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: as in read_pairs: on success the host hands us a buffer it
-    // allocated through the SDK's proxy_on_memory_allocate.
-    unsafe {
-        if proxy_get_header_map_value(map, key.as_ptr(), key.len(), &mut data, &mut size) != 0 {
-            return None;
-        }
-        if data.is_null() {
-            return Some(Vec::new());
-        }
-        Some(Vec::from_raw_parts(data, size, size))
-    }
-}
-
 fn property_string(path: &[&str]) -> Option<String> {
-    match hostcalls::get_property(path.to_vec()) {
-        Ok(Some(bytes)) => String::from_utf8(bytes).ok().filter(|s| !s.is_empty()),
-        _ => None,
-    }
+    host::property(path).and_then(|bytes| String::from_utf8(bytes).ok()).filter(|s| !s.is_empty())
 }
 
 impl Context for Request {
@@ -686,9 +697,11 @@ impl Context for Request {
             return;
         };
         let shadow_headers = self.config.as_ref().is_some_and(|c| c.shadow_headers);
-        let status = map_value(MapType::HttpCallResponseHeaders, ":status");
+        // A failed callout (a reset) has no response headers: Envoy answers
+        // BadArgument, which the SDK's reader would panic on (host.rs).
+        let status = host::header(MapType::HttpCallResponseHeaders, ":status");
         let body = if body_size > 0 && body_size <= decision::MAX_ANSWER_BYTES {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten()
+            host::buffer(BufferType::HttpCallResponseBody, 0, body_size)
         } else if body_size > decision::MAX_ANSWER_BYTES {
             // Too big to be ours: let parse_answer reject it by size without reading it.
             Some(vec![b' '; decision::MAX_ANSWER_BYTES + 1])
@@ -702,7 +715,14 @@ impl Context for Request {
                 if resp.allowed {
                     self.metrics.inc(Metric::Allowed);
                 } else if !in_shadow {
-                    self.metrics.inc(if storage_denied { Metric::StorageDenied } else { Metric::Denied });
+                    match resp.reason {
+                        // Counted by finish(), once forwarded (or refused).
+                        Some(Reason::Queued) => {}
+                        Some(Reason::Capacity | Reason::QueueFull | Reason::SystemOverloaded) => {
+                            self.metrics.inc(Metric::OverflowRejected)
+                        }
+                        _ => self.metrics.inc(if storage_denied { Metric::StorageDenied } else { Metric::Denied }),
+                    }
                 }
                 if let (true, Some(r), Phase::AwaitingQuota { tokens: Some((tenant, rules)), .. }) =
                     (resp.allowed, &resp.reservation, &self.phase)
@@ -716,7 +736,7 @@ impl Context for Request {
                         complete: false,
                     });
                 }
-                decision::decide(&resp, shadow, shadow_headers)
+                decision::decide(&resp, shadow, shadow_headers, self.can_queue)
             }
             Err(why) => {
                 log::warn!("quota callout failed: {}", why.as_str());
@@ -724,7 +744,7 @@ impl Context for Request {
             }
         };
         if let Action::Continue = self.finish(outcome) {
-            let _ = hostcalls::resume_http_request();
+            host::resume_request();
         }
     }
 }
@@ -765,18 +785,18 @@ impl HttpContext for Request {
         self.report_latency();
         if let Phase::Admitted { headers } = &self.phase {
             for name in OWNED_RESPONSE_HEADERS {
-                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, None);
+                host::set_header(MapType::HttpResponseHeaders, name, None);
             }
             for (name, value) in headers {
-                let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value);
+                host::add_header(MapType::HttpResponseHeaders, name, value);
             }
             self.phase = Phase::Done;
         }
         if let Some(t) = self.tracker.as_mut() {
             let from_header = t.rules.usage_header.as_deref().and_then(|h| {
-                map_value(MapType::HttpResponseHeaders, h).and_then(|v| usage::from_header(&v))
+                host::header(MapType::HttpResponseHeaders, h).and_then(|v| usage::from_header(&v))
             });
-            let content_type = map_value(MapType::HttpResponseHeaders, "content-type");
+            let content_type = host::header(MapType::HttpResponseHeaders, "content-type");
             let sse = content_type.is_some_and(|ct| ct.len() >= 17 && ct.get(..17).is_some_and(|p| p.eq_ignore_ascii_case(b"text/event-stream")));
             t.source = if from_header.is_some() {
                 t.usage = from_header;

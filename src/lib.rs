@@ -12,6 +12,8 @@
 //! - [`pairs`]: panic-free decoding of proxy-wasm header maps (pure).
 //! - `filter` (wasm32 only): the proxy-wasm adapter; one small state machine
 //!   per request, advanced by host callbacks.
+//! - `host` (wasm32 only): panic-free host calls (the SDK's panic on
+//!   statuses they do not expect, which would kill the VM).
 //!
 //! Everything but the adapter builds and is unit-tested on the native target.
 
@@ -26,5 +28,7 @@ pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
+#[cfg(target_arch = "wasm32")]
+mod host;
 
 pub use sluice_wire as wire;

@@ -35,12 +35,14 @@ fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([*b.first()?, *b.get(1)?, *b.get(2)?, *b.get(3)?]))
 }
 
-/// The inverse of [`decode`] (tests and the fuzz targets use it).
+/// The inverse of [`decode`]: local replies, tests and the fuzz targets use
+/// it. Lengths beyond u32 (never seen in headers) are clamped rather than wrapped.
 pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = len(pairs.len()).to_vec();
     for (n, v) in pairs {
-        out.extend_from_slice(&(n.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(&len(n.len()));
+        out.extend_from_slice(&len(v.len()));
     }
     for (n, v) in pairs {
         out.extend_from_slice(n);

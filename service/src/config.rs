@@ -12,6 +12,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sluice_wire::Window;
 
+use crate::upstreams::Upstreams;
+
 /// Largest limit (and counter) accepted anywhere. Redis Lua numbers are
 /// doubles, so everything the scripts add must stay far below 2^53 to be exact.
 pub const MAX_LIMIT: u64 = 1_000_000_000_000_000;
@@ -70,6 +72,10 @@ impl fmt::Display for Secret {
 
 /// Most a tenant's cost weight may multiply a request's cost by.
 pub const MAX_COST_WEIGHT: u64 = 1_000;
+/// Largest short-term rate or burst of a tier, and capacity of an upstream.
+pub const MAX_RATE: u64 = 1_000_000;
+/// Largest fair-share weight of a tier.
+pub const MAX_WEIGHT: u64 = 1_000;
 
 /// How a named limit is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +90,13 @@ pub enum LimitKind {
     /// The storage quota: upload routes are refused while the reported
     /// storage use is at or over it.
     Storage,
+    /// The short-term rate: requests per second (a token bucket charged on
+    /// arrival, direct or queued); `burst` is its size.
+    Rate,
+    Burst,
+    /// The share of an upstream's capacity (fair admission and DRR credit
+    /// are proportional to it; default 1).
+    Weight,
 }
 
 /// One named limit: a tier field, a custom limit and an override all use
@@ -141,6 +154,24 @@ pub const LIMITS: &[LimitDef] = &[
         kind: LimitKind::Storage,
         min: 0,
         max: MAX_LIMIT,
+    },
+    LimitDef {
+        name: "rate_per_s",
+        kind: LimitKind::Rate,
+        min: 1,
+        max: MAX_RATE,
+    },
+    LimitDef {
+        name: "burst",
+        kind: LimitKind::Burst,
+        min: 1,
+        max: MAX_RATE,
+    },
+    LimitDef {
+        name: "weight",
+        kind: LimitKind::Weight,
+        min: 1,
+        max: MAX_WEIGHT,
     },
 ];
 
@@ -239,6 +270,11 @@ impl Tier {
                 "{path}: a tier needs at least one of hour, day, month"
             )));
         }
+        if tier.get("burst").is_some() && tier.get("rate_per_s").is_none() {
+            return Err(err(format!(
+                "{path}.burst: needs rate_per_s (the burst of the short-term rate)"
+            )));
+        }
         Ok(tier)
     }
 
@@ -289,13 +325,14 @@ fn err(msg: impl Into<String>) -> ConfigError {
 impl Tiers {
     /// The built-in tiers of design.md.
     pub fn builtin(default_tier: Option<&str>) -> Result<Tiers, ConfigError> {
-        let tier = |h: u64, d: u64, m: u64, tokens: u64, storage: u64| Tier {
+        let tier = |h: u64, d: u64, m: u64, tokens: u64, storage: u64, weight: u64| Tier {
             limits: [
                 ("hour", h),
                 ("day", d),
                 ("month", m),
                 ("tokens_month", tokens),
                 ("storage_bytes", storage),
+                ("weight", weight),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
@@ -305,15 +342,15 @@ impl Tiers {
         let mut tiers = BTreeMap::new();
         tiers.insert(
             "free".to_string(),
-            tier(100, 1_000, 20_000, 500_000, 5_000_000_000),
+            tier(100, 1_000, 20_000, 500_000, 5_000_000_000, 1),
         );
         tiers.insert(
             "pro".to_string(),
-            tier(1_000, 10_000, 200_000, 5_000_000, 50_000_000_000),
+            tier(1_000, 10_000, 200_000, 5_000_000, 50_000_000_000, 2),
         );
         tiers.insert(
             "enterprise".to_string(),
-            tier(10_000, 100_000, 2_000_000, 50_000_000, 500_000_000_000),
+            tier(10_000, 100_000, 2_000_000, 50_000_000, 500_000_000_000, 4),
         );
         Tiers::compile(default_tier.unwrap_or(FALLBACK_DEFAULT_TIER), tiers)
     }
@@ -487,7 +524,24 @@ pub struct ServeConfig {
     pub usage_retention_days: u64,
     /// Tenants shown by name in the utilisation metric; the rest are `other`.
     pub metrics_top_tenants: usize,
+    /// Upstreams with a capacity (none: checks never name one).
+    pub upstreams: Upstreams,
+    /// Queue workers per upstream in this replica (0: this replica takes
+    /// queued requests in but never dispatches any).
+    pub workers: usize,
+    /// Header carrying the tenant on the queue listener (async status reads).
+    pub tenant_header: String,
+    /// How long an in-flight dispatch may still run after SIGTERM before
+    /// its worker puts it back in the queue.
+    pub worker_drain: Duration,
 }
+
+/// The tenant header of the filter's default config.
+pub const DEFAULT_TENANT_HEADER: &str = "x-tenant-id";
+/// Queue workers per upstream unless `--workers` says otherwise.
+pub const DEFAULT_WORKERS: usize = 4;
+/// Most workers per upstream in one replica.
+pub const MAX_WORKERS: usize = 1024;
 
 impl ServeConfig {
     /// A config with the defaults of every optional setting.
@@ -502,6 +556,10 @@ impl ServeConfig {
             audit_retention: Duration::from_secs(DEFAULT_AUDIT_RETENTION_DAYS * 86_400),
             usage_retention_days: DEFAULT_USAGE_RETENTION_DAYS,
             metrics_top_tenants: DEFAULT_METRICS_TOP_TENANTS,
+            upstreams: Upstreams::none(),
+            workers: DEFAULT_WORKERS,
+            tenant_header: DEFAULT_TENANT_HEADER.to_string(),
+            worker_drain: Duration::from_secs(5),
         }
     }
 
@@ -526,6 +584,11 @@ pub struct ServeOptions {
     pub audit_retention_days: u64,
     pub usage_retention_days: u64,
     pub metrics_top_tenants: usize,
+    pub upstreams_file: Option<PathBuf>,
+    /// `None`: [`DEFAULT_WORKERS`].
+    pub workers: Option<usize>,
+    pub tenant_header: Option<String>,
+    pub worker_drain_ms: Option<u64>,
 }
 
 // Hand-written so a password inside the Redis URL never reaches a log line.
@@ -542,6 +605,10 @@ impl fmt::Debug for ServeConfig {
             .field("audit_retention", &self.audit_retention)
             .field("usage_retention_days", &self.usage_retention_days)
             .field("metrics_top_tenants", &self.metrics_top_tenants)
+            .field("upstreams", &self.upstreams.names())
+            .field("workers", &self.workers)
+            .field("tenant_header", &self.tenant_header)
+            .field("worker_drain", &self.worker_drain)
             .finish()
     }
 }
@@ -689,6 +756,24 @@ impl ServeOptions {
         if top > 1_000 {
             return Err(err("metrics-top-tenants: must be between 1 and 1000"));
         }
+        let upstreams = match &self.upstreams_file {
+            Some(path) => Upstreams::from_file(path)?,
+            None => Upstreams::none(),
+        };
+        let workers = self.workers.unwrap_or(DEFAULT_WORKERS);
+        if workers > MAX_WORKERS {
+            return Err(err(format!("workers: must be at most {MAX_WORKERS}")));
+        }
+        let tenant_header = match &self.tenant_header {
+            Some(h) => {
+                let h = h.to_ascii_lowercase();
+                if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() || h.starts_with("x-sluice-") {
+                    return Err(err("tenant-header: must be a header name other than x-sluice-*"));
+                }
+                h
+            }
+            None => DEFAULT_TENANT_HEADER.to_string(),
+        };
         Ok(ServeConfig {
             redis_url: self.redis_url.clone(),
             tiers,
@@ -699,6 +784,10 @@ impl ServeOptions {
             audit_retention: Duration::from_secs(audit_days * 86_400),
             usage_retention_days: usage_days,
             metrics_top_tenants: top,
+            upstreams,
+            workers,
+            tenant_header,
+            worker_drain: Duration::from_millis(self.worker_drain_ms.unwrap_or(5_000).min(60_000)),
         })
     }
 }
@@ -748,15 +837,27 @@ impl ServeConfig {
             "default tier:     {} (seed; Redis wins once it holds tiers)\n",
             self.tiers.default_tier()
         ));
-        out.push_str("tiers (seed):     name: hour / day / month\n");
+        out.push_str("tiers (seed):     name: hour / day / month, rate/s (burst), weight\n");
         for (name, l) in self.tiers.iter() {
             let show = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
             out.push_str(&format!(
-                "  {name}: {} / {} / {}\n",
+                "  {name}: {} / {} / {}, {} ({}), {}\n",
                 show(l.get("hour")),
                 show(l.get("day")),
-                show(l.get("month"))
+                show(l.get("month")),
+                show(l.get("rate_per_s")),
+                show(l.get("burst").or(l.get("rate_per_s"))),
+                l.get("weight").unwrap_or(1)
             ));
+        }
+        out.push_str(&format!("workers:          {} per upstream\n", self.workers));
+        if self.upstreams.is_empty() {
+            out.push_str("upstreams:        none\n");
+        } else {
+            out.push_str("upstreams:\n");
+            for u in self.upstreams.iter() {
+                out.push_str(&format!("  {}\n", u.summary()));
+            }
         }
         out
     }
@@ -793,6 +894,7 @@ pub fn redact_url(url: &str) -> String {
 )]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn builtin_tiers_match_the_design() {
@@ -810,6 +912,20 @@ mod tests {
         let arg: Value = serde_json::from_str(&t.script_arg()).unwrap();
         assert_eq!(arg["pro"]["hour"], 1000);
         assert_eq!(arg["free"]["month"], 20000);
+        assert_eq!((arg["free"]["weight"].clone(), arg["pro"]["weight"].clone()), (json!(1), json!(2)));
+        assert_eq!(arg["enterprise"]["weight"], 4);
+    }
+
+    #[test]
+    fn a_short_term_rate_needs_a_rate_and_weights_are_bounded() {
+        let e = Tiers::from_json(r#"{"tiers":{"free":{"hour":1,"burst":2}}}"#, None).unwrap_err();
+        assert!(e.0.contains("tiers.free.burst"), "{e}");
+        let e = Tiers::from_json(r#"{"tiers":{"free":{"hour":1,"weight":0}}}"#, None).unwrap_err();
+        assert!(e.0.contains("tiers.free.weight"), "{e}");
+        let e = Tiers::from_json(r#"{"tiers":{"free":{"hour":1,"rate_per_s":0}}}"#, None).unwrap_err();
+        assert!(e.0.contains("tiers.free.rate_per_s"), "{e}");
+        let ok = Tiers::from_json(r#"{"tiers":{"free":{"hour":1,"rate_per_s":5,"burst":10,"weight":3}}}"#, None).unwrap();
+        assert_eq!(ok.get("free").unwrap().get("rate_per_s"), Some(5));
     }
 
     #[test]

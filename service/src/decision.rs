@@ -3,11 +3,12 @@
 //! [`CheckResponse`] (names, binding window, retry-after). No I/O here.
 
 use sluice_wire::{
-    CheckRequest, CheckResponse, Reservation, RouteLimit, StorageState, UsageReport, Window,
-    WindowState, MAX_TOKENS,
+    CheckRequest, CheckResponse, OnQuotaExceeded, QueueTicket, Reason, Reservation, RouteLimit,
+    StorageState, UsageReport, Window, WindowState, MAX_TOKENS,
 };
 
 use crate::config::{MAX_COST, MAX_LIMIT, MAX_ROUTE_LIMITS, MIN_COST};
+use crate::upstreams::MAX_WAIT_MS;
 
 /// Why a request was refused before reaching Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,26 @@ pub struct ValidCheck {
     pub tokens: u64,
     pub upload: bool,
     pub shadow: bool,
+    pub upstream: Option<String>,
+    pub can_queue: bool,
+    pub on_quota_exceeded: OnQuotaExceeded,
+    pub max_wait_ms: Option<u64>,
+}
+
+impl ValidCheck {
+    /// The route windows as queued items carry them: `hour=50,day=20`.
+    pub fn route_spec(&self) -> String {
+        route_spec(&self.route_limits)
+    }
+}
+
+/// `hour=50,day=20`: route windows as the queue scripts carry them.
+pub fn route_spec(limits: &[RouteLimit]) -> String {
+    limits
+        .iter()
+        .map(|rl| format!("{}={}", rl.window.as_str(), rl.limit))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
@@ -62,6 +83,11 @@ pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
         ));
     }
     for (i, rl) in req.route_limits.iter().enumerate() {
+        if rl.window == Window::Second {
+            return Err(Invalid::Request(format!(
+                "route_limits[{i}].window: route limits are counted in hour, day or month"
+            )));
+        }
         if rl.limit > MAX_LIMIT {
             return Err(Invalid::Request(format!(
                 "route_limits[{i}].limit: must be at most {MAX_LIMIT}"
@@ -86,6 +112,29 @@ pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
             req.tokens
         )));
     }
+    if let Some(up) = &req.upstream {
+        if !sluice_wire::is_valid_policy_name(up) {
+            return Err(Invalid::Request(
+                "upstream: must be 1..=64 bytes of A-Z a-z 0-9 . _ -".to_string(),
+            ));
+        }
+    } else {
+        if !req.on_quota_exceeded.is_reject() {
+            return Err(Invalid::Request(
+                "on_quota_exceeded: queue needs an upstream (only a route with an upstream has a queue)".to_string(),
+            ));
+        }
+        if req.max_wait_ms.is_some() {
+            return Err(Invalid::Request("max_wait_ms: needs an upstream".to_string()));
+        }
+    }
+    if let Some(ms) = req.max_wait_ms {
+        if ms == 0 || ms > MAX_WAIT_MS {
+            return Err(Invalid::Request(format!(
+                "max_wait_ms: must be between 1 and {MAX_WAIT_MS}, got {ms}"
+            )));
+        }
+    }
     Ok(ValidCheck {
         tenant: req.tenant,
         cost: req.cost,
@@ -94,6 +143,10 @@ pub fn validate(req: CheckRequest) -> Result<ValidCheck, Invalid> {
         tokens: req.tokens,
         upload: req.upload,
         shadow: req.shadow,
+        can_queue: req.can_queue && req.upstream.is_some(),
+        upstream: req.upstream,
+        on_quota_exceeded: req.on_quota_exceeded,
+        max_wait_ms: req.max_wait_ms,
     })
 }
 
@@ -144,6 +197,60 @@ pub enum RowKind {
     Route,
     /// A token window (`tokens_hour`, `tokens_month`), charged the estimate.
     Tokens,
+    /// The tier's short-term rate (window `second`), only in a denial.
+    Rate,
+}
+
+/// The script's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// CHARGE only: already charged for this request (a replay).
+    Charged,
+    /// A quota window or the storage quota said no.
+    Quota,
+    Rate,
+    Queued,
+    Capacity,
+    QueueFull,
+    Overloaded,
+}
+
+impl Verdict {
+    pub fn parse(s: &str) -> Option<Verdict> {
+        Some(match s {
+            "allow" => Verdict::Allow,
+            "charged" => Verdict::Charged,
+            "quota" => Verdict::Quota,
+            "rate" => Verdict::Rate,
+            "queued" => Verdict::Queued,
+            "capacity" => Verdict::Capacity,
+            "queue_full" => Verdict::QueueFull,
+            "overloaded" => Verdict::Overloaded,
+            _ => return None,
+        })
+    }
+
+    pub fn allowed(self) -> bool {
+        matches!(self, Verdict::Allow | Verdict::Charged)
+    }
+
+    fn reason(self) -> Option<Reason> {
+        match self {
+            Verdict::Allow | Verdict::Charged => None,
+            Verdict::Quota => Some(Reason::Quota),
+            Verdict::Rate => Some(Reason::Rate),
+            Verdict::Queued => Some(Reason::Queued),
+            Verdict::Capacity => Some(Reason::Capacity),
+            Verdict::QueueFull => Some(Reason::QueueFull),
+            Verdict::Overloaded => Some(Reason::SystemOverloaded),
+        }
+    }
+
+    /// Whether the capacity step (not a quota) refused the request.
+    pub fn is_overflow_rejection(self) -> bool {
+        matches!(self, Verdict::Capacity | Verdict::QueueFull | Verdict::Overloaded)
+    }
 }
 
 /// One window as the check script reports it.
@@ -179,11 +286,21 @@ pub struct ScriptDecision {
     pub day: String,
     /// Units charged: the request's cost times the tenant's cost weight.
     pub cost: u64,
+    pub verdict: Verdict,
+    /// CHECK: seconds until a retry can succeed for the rate and capacity
+    /// verdicts (0: take it from the binding window). CHARGE: epoch seconds
+    /// when the exceeded windows reset.
+    pub extra: u64,
 }
 
 /// Builds the wire answer. `tokens` is the request's token estimate (what
-/// the reservation holds).
-pub fn respond(decision: ScriptDecision, tokens: u64, policy: Option<&str>) -> CheckResponse {
+/// the reservation holds); `queue` is where a `queued` verdict goes.
+pub fn respond(
+    decision: ScriptDecision,
+    tokens: u64,
+    policy: Option<&str>,
+    queue: Option<QueueTicket>,
+) -> CheckResponse {
     let windows: Vec<WindowState> = decision
         .rows
         .iter()
@@ -191,6 +308,7 @@ pub fn respond(decision: ScriptDecision, tokens: u64, policy: Option<&str>) -> C
             name: match (r.kind, policy) {
                 (RowKind::Route, Some(p)) => format!("{p}-{}", r.window.as_str()),
                 (RowKind::Tokens, _) => format!("tokens_{}", r.window.as_str()),
+                (RowKind::Rate, _) => Window::Second.as_str().to_string(),
                 _ => r.window.as_str().to_string(),
             },
             window: r.window,
@@ -203,11 +321,14 @@ pub fn respond(decision: ScriptDecision, tokens: u64, policy: Option<&str>) -> C
         .collect();
     let exceeded: Vec<bool> = decision.rows.iter().map(|r| r.exceeded).collect();
     let binding = binding_index(&windows, decision.allowed, &exceeded);
-    let retry_after = if decision.allowed {
-        None
-    } else {
-        windows.get(binding).map(|w| w.reset_in)
+    let retry_after = match decision.verdict {
+        Verdict::Allow | Verdict::Charged => None,
+        Verdict::Quota if !decision.allowed => windows.get(binding).map(|w| w.reset_in),
+        Verdict::Quota => None,
+        _ => Some(decision.extra.max(1)),
     };
+    let reason = if decision.allowed { None } else { decision.verdict.reason() };
+    let queue = queue.filter(|_| decision.verdict == Verdict::Queued && !decision.allowed);
     CheckResponse {
         allowed: decision.allowed,
         tier: decision.tier,
@@ -221,6 +342,8 @@ pub fn respond(decision: ScriptDecision, tokens: u64, policy: Option<&str>) -> C
         storage: decision.storage,
         shadow: decision.shadow,
         reserved_pool: decision.pool,
+        reason,
+        queue,
     }
 }
 
@@ -259,6 +382,10 @@ mod tests {
             tokens: 0,
             upload: false,
             shadow: false,
+            upstream: None,
+            can_queue: false,
+            on_quota_exceeded: OnQuotaExceeded::Reject,
+            max_wait_ms: None,
         }
     }
 
@@ -286,7 +413,39 @@ mod tests {
             pool: None,
             day: "20310312".into(),
             cost: 1,
+            verdict: if allowed { Verdict::Allow } else { Verdict::Quota },
+            extra: 0,
         }
+    }
+
+    #[test]
+    fn queue_settings_need_an_upstream_and_a_sane_max_wait() {
+        let mut r = req("a", 1);
+        r.on_quota_exceeded = OnQuotaExceeded::Queue;
+        assert!(matches!(validate(r.clone()), Err(Invalid::Request(m)) if m.starts_with("on_quota_exceeded")));
+        r.upstream = Some("llm".into());
+        r.max_wait_ms = Some(0);
+        assert!(matches!(validate(r.clone()), Err(Invalid::Request(m)) if m.starts_with("max_wait_ms")));
+        r.max_wait_ms = Some(5_000);
+        r.can_queue = true;
+        let v = validate(r.clone()).unwrap();
+        assert!(v.can_queue);
+        r.upstream = Some("no such".into());
+        assert!(matches!(validate(r), Err(Invalid::Request(m)) if m.starts_with("upstream")));
+    }
+
+    #[test]
+    fn a_queued_verdict_carries_its_ticket_and_other_verdicts_never_do() {
+        let ticket = QueueTicket { upstream: "llm".into(), ticket: "ab".repeat(16) };
+        let d = |verdict| ScriptDecision {
+            verdict,
+            extra: 3,
+            ..decision(false, vec![row(Window::Hour, false, 10, 1, 5)])
+        };
+        let q = respond(d(Verdict::Queued), 0, None, Some(ticket.clone()));
+        assert_eq!((q.allowed, q.reason, q.queue), (false, Some(Reason::Queued), Some(ticket.clone())));
+        let full = respond(d(Verdict::QueueFull), 0, None, Some(ticket));
+        assert_eq!((full.reason, full.queue, full.retry_after), (Some(Reason::QueueFull), None, Some(3)));
     }
 
     #[test]
@@ -349,7 +508,7 @@ mod tests {
                 row(Window::Month, false, 20, 20, 2_000_000),
             ],
         );
-        let r = respond(d, 0, None);
+        let r = respond(d, 0, None, None);
         assert_eq!(r.binding, 2);
         assert_eq!(r.retry_after, Some(10));
     }
@@ -364,7 +523,7 @@ mod tests {
                 row(Window::Day, true, 10, 5, 2),
             ],
         );
-        let r = respond(d, 0, Some("llm"));
+        let r = respond(d, 0, Some("llm"), None);
         assert_eq!(r.binding, 1);
         assert_eq!(r.retry_after, None);
         assert_eq!(r.windows[2].name, "llm-day");
@@ -373,7 +532,7 @@ mod tests {
     #[test]
     fn h16_zero_limits_bind_without_dividing() {
         let d = decision(false, vec![row(Window::Hour, false, 0, 0, 5)]);
-        let r = respond(d, 0, None);
+        let r = respond(d, 0, None, None);
         assert_eq!(
             (r.binding, r.windows[0].remaining, r.retry_after),
             (0, 0, Some(10))
@@ -386,7 +545,7 @@ mod tests {
         tokens.kind = RowKind::Tokens;
         tokens.exceeded = true;
         let hour = row(Window::Hour, false, 100, 3, 3_600);
-        let r = respond(decision(false, vec![hour, tokens]), 300, None);
+        let r = respond(decision(false, vec![hour, tokens]), 300, None, None);
         assert_eq!(r.windows[r.binding].name, "tokens_month");
         assert_eq!(r.reservation, None, "a denial reserves nothing");
     }

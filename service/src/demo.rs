@@ -13,11 +13,17 @@
 //!   waits N ms after the usage chunk before `[DONE]`, so a client can
 //!   abort a stream before or after its usage arrived.
 //! - `POST /v1/embeddings`: OpenAI-style embeddings with `usage`.
-//! - any other path: 200 JSON echoing method, path, tenant, request id and
-//!   the names of the headers it received.
+//! - any other path: 200 JSON echoing method, path, query, tenant, request
+//!   id, the names of the headers it received and the body (first 4 KiB).
 //! - `x-demo-ratelimit-headers: 1`: the answer also carries its own
 //!   rate-limit headers (the filter must replace them, case H08).
-//! - `GET /__demo/stats`, `POST /__demo/reset`, `GET /healthz`: not counted.
+//! - `x-demo-delay-ms: N` (at most 60000): the answer takes N ms more.
+//! - `--capacity N`: at most N requests per second (a token bucket of N);
+//!   beyond it 503 `over_capacity`, counted in the stats. `--latency-ms N`:
+//!   every counted request takes N ms (a backend's service time).
+//! - `GET /__demo/stats` (totals, per tenant, per path, per `x-request-id`,
+//!   over-capacity refusals, arrival order), `POST /__demo/reset`,
+//!   `GET /healthz`: not counted.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -47,14 +53,54 @@ struct Stats {
     total: u64,
     by_tenant: BTreeMap<String, u64>,
     by_path: BTreeMap<String, u64>,
+    /// How often each `x-request-id` arrived (a queued request replayed
+    /// after a worker died arrives again with the same id).
+    by_request_id: BTreeMap<String, u64>,
+    /// Requests refused with 503 `over_capacity` (not in `total`).
+    over_capacity: u64,
+    /// The tenant of every counted request in arrival order (the first
+    /// 10,000), to check scheduling order.
+    arrivals: Vec<String>,
+    #[serde(skip)]
+    bucket: Option<(f64, std::time::Instant)>,
 }
 
 impl Stats {
-    fn count(&mut self, tenant: &str, path: &str) {
+    fn count(&mut self, tenant: &str, path: &str, request_id: Option<&str>) {
         self.total = self.total.saturating_add(1);
         bump(&mut self.by_tenant, tenant);
         bump(&mut self.by_path, path);
+        if let Some(id) = request_id {
+            bump(&mut self.by_request_id, id);
+        }
+        if self.arrivals.len() < MAX_TRACKED {
+            self.arrivals.push(tenant.to_string());
+        }
     }
+
+    /// Takes a token of a bucket of `capacity` refilled at `capacity`/s.
+    fn take(&mut self, capacity: u64) -> bool {
+        let cap = capacity as f64;
+        let now = std::time::Instant::now();
+        let (tokens, at) = self.bucket.unwrap_or((cap, now));
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * cap).min(cap);
+        if tokens >= 1.0 {
+            self.bucket = Some((tokens - 1.0, now));
+            true
+        } else {
+            self.bucket = Some((tokens, now));
+            false
+        }
+    }
+}
+
+/// How the demo upstream behaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DemoOptions {
+    /// Requests per second served (0: unlimited); beyond, 503 `over_capacity`.
+    pub capacity: u64,
+    /// Service time of every counted request.
+    pub latency: Duration,
 }
 
 fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
@@ -67,7 +113,11 @@ fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
     *slot = slot.saturating_add(1);
 }
 
-type Shared = Arc<Mutex<Stats>>;
+#[derive(Clone, Default)]
+struct Demo {
+    stats: Arc<Mutex<Stats>>,
+    options: DemoOptions,
+}
 
 /// Every `x-tenant-id` value, joined by `,` exactly as received, so a test
 /// can see when more than one reached the upstream.
@@ -85,7 +135,14 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 pub fn router() -> Router {
-    let stats: Shared = Arc::default();
+    router_with(DemoOptions::default())
+}
+
+pub fn router_with(options: DemoOptions) -> Router {
+    let demo = Demo {
+        stats: Arc::default(),
+        options,
+    };
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/__demo/stats", get(stats_handler))
@@ -94,10 +151,10 @@ pub fn router() -> Router {
         .route("/v1/embeddings", post(embeddings))
         .fallback(echo)
         .layer(middleware::from_fn_with_state(
-            stats.clone(),
+            demo.clone(),
             count_and_decorate,
         ))
-        .with_state(stats)
+        .with_state(demo)
 }
 
 /// Serves the demo upstream until `shutdown` resolves.
@@ -105,20 +162,56 @@ pub async fn run_demo_upstream(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_demo_upstream_with(listener, DemoOptions::default(), shutdown).await
+}
+
+/// [`run_demo_upstream`] with a capacity and a service time.
+pub async fn run_demo_upstream_with(
+    listener: TcpListener,
+    options: DemoOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "demo upstream listening");
+        tracing::info!(%addr, capacity = options.capacity, "demo upstream listening");
     }
-    axum::serve(listener, router())
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router_with(options))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn count_and_decorate(State(stats): State<Shared>, req: Request, next: Next) -> Response {
+async fn count_and_decorate(State(demo): State<Demo>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
-    if !(path.starts_with("/__demo/") || path == "/healthz") {
+    let counted = !(path.starts_with("/__demo/") || path == "/healthz");
+    if counted {
         let tenant = tenant_of(req.headers());
-        if let Ok(mut s) = stats.lock() {
-            s.count(tenant.as_deref().unwrap_or(NO_TENANT), &path);
+        let request_id = header_str(req.headers(), "x-request-id").map(str::to_string);
+        let admitted = match demo.stats.lock() {
+            Ok(mut s) => {
+                if demo.options.capacity > 0 && !s.take(demo.options.capacity) {
+                    s.over_capacity = s.over_capacity.saturating_add(1);
+                    false
+                } else {
+                    s.count(tenant.as_deref().unwrap_or(NO_TENANT), &path, request_id.as_deref());
+                    true
+                }
+            }
+            Err(_) => true,
+        };
+        if !admitted {
+            let body = json!({"error": "over_capacity", "message": "the demo upstream is over its capacity"});
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        }
+        let delay = header_str(req.headers(), "x-demo-delay-ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(60_000);
+        let wait = demo.options.latency + Duration::from_millis(delay);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
     }
     let decorate = header_str(req.headers(), "x-demo-ratelimit-headers") == Some("1");
@@ -133,30 +226,41 @@ async fn count_and_decorate(State(stats): State<Shared>, req: Request, next: Nex
     resp
 }
 
-async fn stats_handler(State(stats): State<Shared>) -> Response {
-    match stats.lock() {
+async fn stats_handler(State(demo): State<Demo>) -> Response {
+    match demo.stats.lock() {
         Ok(s) => Json(&*s).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
-async fn reset_handler(State(stats): State<Shared>) -> Json<Value> {
-    if let Ok(mut s) = stats.lock() {
+async fn reset_handler(State(demo): State<Demo>) -> Json<Value> {
+    if let Ok(mut s) = demo.stats.lock() {
         *s = Stats::default();
     }
     Json(json!({"status": "reset"}))
 }
 
-/// Takes the body (unread, hyper would close the keep-alive connection
-/// under a large one and Envoy's next request on it would fail).
-async fn echo(method: Method, uri: Uri, headers: HeaderMap, _body: Bytes) -> Json<Value> {
-    Json(json!({
+/// Always takes the body (unread, hyper would close the keep-alive
+/// connection under a large one and Envoy's next request on it would fail).
+async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Json<Value> {
+    let mut v = json!({
         "method": method.as_str(),
         "path": uri.path(),
         "tenant": tenant_of(&headers),
         "request_id": header_str(&headers, "x-request-id"),
         "header_names": headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-    }))
+    });
+    if let Some(o) = v.as_object_mut() {
+        if let Some(q) = uri.query() {
+            o.insert("query".into(), json!(q));
+        }
+        if !body.is_empty() {
+            // The first 4 KiB, so a test can see a body arrived intact.
+            let shown = body.get(..body.len().min(4096)).unwrap_or(&[]);
+            o.insert("body".into(), json!(String::from_utf8_lossy(shown)));
+        }
+    }
+    Json(v)
 }
 
 fn unix_now() -> u64 {
@@ -392,10 +496,17 @@ mod tests {
     }
 
     #[test]
+    fn the_capacity_bucket_refuses_beyond_its_size() {
+        let mut s = Stats::default();
+        let admitted = (0..15).filter(|_| s.take(10)).count();
+        assert_eq!(admitted, 10);
+    }
+
+    #[test]
     fn tracked_keys_are_bounded() {
         let mut s = Stats::default();
         for i in 0..(MAX_TRACKED + 5) {
-            s.count(&format!("t{i}"), "/x");
+            s.count(&format!("t{i}"), "/x", None);
         }
         assert_eq!(s.by_tenant.len(), MAX_TRACKED + 1);
         assert_eq!(s.by_tenant[OTHER], 5);

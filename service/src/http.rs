@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use sluice_wire::{CheckRequest, CheckResponse, ErrorBody, ReportRequest, UsageAnswer, UsageReport};
 
 use crate::config::ServeConfig;
-use crate::decision::{self, Invalid};
+use crate::decision::{self, Invalid, Verdict};
 use crate::metrics::{self as m, Metrics};
 use crate::store::{Store, StoreError};
 use crate::tiers::TiersCache;
@@ -271,6 +271,7 @@ fn data_routes() -> Router<Shared> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/queue/stats", get(queue_stats))
 }
 
 /// JSON fallbacks and the body cap (413 `payload_too_large`) on every route.
@@ -296,21 +297,58 @@ async fn check(
             return Err(e);
         }
     };
+    let upstream = match valid.upstream.as_deref() {
+        None => None,
+        Some(name) => match state.config.upstreams.get(name) {
+            Some(u) => Some(u),
+            None => {
+                state.metrics.check("invalid", elapsed());
+                return Err(ApiError::invalid_request(format!(
+                    "upstream: unknown upstream {name:?} (known: {})",
+                    state.config.upstreams.names().join(", ")
+                )));
+            }
+        },
+    };
+    // Only a queued verdict uses it, but the script decides that atomically.
+    let ticket = if valid.can_queue {
+        match crate::ids::random_id() {
+            Some(t) => t,
+            None => {
+                state.metrics.check("error", elapsed());
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "rng_unavailable",
+                    "the OS random number generator failed",
+                ));
+            }
+        }
+    } else {
+        String::new()
+    };
     let tiers = state.tiers.get();
     let offset = state.offset_ms();
     match state
         .store
-        .check(&valid, offset, &tiers, state.usage_ttl_s())
+        .check(&valid, offset, &tiers, state.usage_ttl_s(), upstream, &ticket)
         .await
     {
         Ok(d) => {
             let day = d.day.clone();
-            let resp = decision::respond(d, valid.tokens, valid.policy.as_deref());
+            let verdict = d.verdict;
+            let queue = upstream.map(|u| sluice_wire::QueueTicket {
+                upstream: u.name.clone(),
+                ticket,
+            });
+            let resp = decision::respond(d, valid.tokens, valid.policy.as_deref(), queue);
             state.index_usage(&day, &valid.tenant);
             state.metrics.utilisation(&valid.tenant, &resp.windows, offset);
+            if let Some(u) = upstream {
+                state.metrics.capacity(&u.name, verdict);
+            }
             if resp.shadow {
                 state.metrics.shadow(resp.allowed);
-            } else if !resp.allowed {
+            } else if !resp.allowed && !matches!(verdict, Verdict::Queued) && !verdict.is_overflow_rejection() {
                 if let Some(w) = resp.windows.get(resp.binding) {
                     let route = w.name != w.window.as_str();
                     let reason = format!("{}{}", if route { "route_" } else { "" }, w.window.as_str());
@@ -320,9 +358,16 @@ async fn check(
             if resp.allowed && resp.reserved_pool.is_some() {
                 state.metrics.reserved();
             }
-            state
-                .metrics
-                .check(if resp.allowed { "allowed" } else { "denied" }, elapsed());
+            let result = if resp.allowed {
+                "allowed"
+            } else if verdict == Verdict::Queued {
+                "queued"
+            } else if verdict.is_overflow_rejection() {
+                "overflow_rejected"
+            } else {
+                "denied"
+            };
+            state.metrics.check(result, elapsed());
             Ok(Json(resp))
         }
         Err(e) => {
@@ -434,7 +479,68 @@ async fn readyz(State(state): State<Shared>) -> Result<Json<serde_json::Value>, 
     ))
 }
 
+/// Most tenants `/v1/queue/stats` lists per upstream unless `?tenants=N`.
+const DEFAULT_STATS_TENANTS: usize = 100;
+const MAX_STATS_TENANTS: usize = 10_000;
+
+/// Query of `/v1/queue/stats`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    tenants: Option<usize>,
+}
+
+/// `GET /v1/queue/stats`: depth and oldest wait per upstream, globally and
+/// for the deepest tenants.
+async fn queue_stats(
+    State(state): State<Shared>,
+    query: Result<axum::extract::Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let max = match query {
+        Ok(q) => q.0.tenants.unwrap_or(DEFAULT_STATS_TENANTS),
+        Err(e) => return Err(ApiError::invalid_request(format!("query: {e}"))),
+    };
+    if max > MAX_STATS_TENANTS {
+        return Err(ApiError::invalid_request(format!(
+            "tenants: must be at most {MAX_STATS_TENANTS}"
+        )));
+    }
+    let mut ups = serde_json::Map::new();
+    for u in state.config.upstreams.iter() {
+        let st = match state.store.queue_stats(&u.name, state.offset_ms(), max).await {
+            Ok(s) => s,
+            Err(e) => {
+                state.redis_failed("queue", &e);
+                return Err(ApiError::redis_unavailable(&e));
+            }
+        };
+        let wait = |oldest: Option<i64>| oldest.map(|o| st.now_ms.saturating_sub(o).max(0));
+        let tenants: Vec<serde_json::Value> = st
+            .tenants
+            .iter()
+            .map(|t| {
+                serde_json::json!({"tenant": t.tenant, "depth": t.depth, "oldest_wait_ms": wait(t.oldest_ms)})
+            })
+            .collect();
+        ups.insert(
+            u.name.clone(),
+            serde_json::json!({
+                "depth": st.queued,
+                "in_flight": st.in_flight,
+                "deferred": st.deferred,
+                "oldest_wait_ms": wait(st.oldest_ms),
+                "tenants_total": st.tenants_total,
+                "tenants": tenants,
+                "capacity": {"rate": u.rate, "burst": u.burst, "concurrency": u.concurrency},
+                "bounds": {"tenant_queue_depth": u.tenant_queue_depth, "global_queue_depth": u.global_queue_depth},
+            }),
+        );
+    }
+    Ok(Json(serde_json::json!({"upstreams": ups})))
+}
+
 async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
+    refresh_queue_gauges(&state).await;
     let memory = match state.store.memory().await {
         Ok(m) => Some(m),
         Err(e) => {
@@ -462,4 +568,31 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         "method_not_allowed",
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+/// Queue gauges are read from Redis at scrape time (every replica shows the
+/// same, shared queue); a failed read keeps the last values. Depth per
+/// tenant: the deepest `metrics_top_tenants` tenants (over all upstreams)
+/// by name, the rest summed under `other`.
+async fn refresh_queue_gauges(state: &Shared) {
+    let mut total = 0u64;
+    let mut oldest: Option<i64> = None;
+    let mut now = 0i64;
+    let mut per_tenant: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for u in state.config.upstreams.iter() {
+        let Ok(st) = state.store.queue_stats(&u.name, state.offset_ms(), MAX_STATS_TENANTS).await else {
+            return;
+        };
+        state.metrics.queue_upstream(&u.name, st.queued, st.in_flight, st.deferred);
+        total = total.saturating_add(st.queued);
+        now = st.now_ms;
+        if let Some(o) = st.oldest_ms {
+            oldest = Some(oldest.map_or(o, |x| x.min(o)));
+        }
+        for t in st.tenants {
+            *per_tenant.entry(t.tenant).or_insert(0) += t.depth;
+        }
+    }
+    let lag = oldest.map_or(0, |o| now.saturating_sub(o).max(0));
+    state.metrics.queue_snapshot(total, &per_tenant, std::time::Duration::from_millis(u64::try_from(lag).unwrap_or(0)));
 }

@@ -7,6 +7,12 @@
 //! policy names cannot contain `:` (so a route key splits unambiguously). No
 //! escaping is needed.
 //!
+//! An upstream's capacity and queue state carries the hash tag
+//! `{u:<upstream>}`: one slot per upstream, so the queue scripts (enqueue,
+//! DRR dequeue, complete, leases) each touch a single slot. The scripts get
+//! the prefix [`upstream_prefix`] and append the fixed suffixes listed
+//! there (plus a tenant or request id).
+//!
 //! Counter keys end in a window id that only the scripts know (it comes from
 //! Redis `TIME`), so for counters this module hands the scripts a prefix and
 //! the scripts append `<window>:<window-id>`.
@@ -125,6 +131,50 @@ pub fn usage_day(tenant: &str, day: &str) -> String {
     format!("{}{day}", usage_prefix(tenant))
 }
 
+/// `sluice:{t:<tenant>}:rate`, the tier's short-term rate bucket (hash
+/// `tok`, `ts`; expires once it would be full again).
+pub fn rate_bucket(tenant: &str) -> String {
+    format!("{PREFIX}{}:rate", tenant_tag(tenant))
+}
+
+/// `sluice:{t:<tenant>}:chg:<id>`: set when a queued request's quota was
+/// charged (at dispatch), so a replay of the same request is never charged
+/// twice. Expires with the request.
+pub fn charged(tenant: &str, id: &str) -> String {
+    format!("{PREFIX}{}:chg:{id}", tenant_tag(tenant))
+}
+
+/// `{u:<upstream>}`: the Redis Cluster hash tag of one upstream.
+pub fn upstream_tag(upstream: &str) -> String {
+    format!("{{u:{upstream}}}")
+}
+
+/// `sluice:{u:<upstream>}:`. The scripts append (docs/design.md, "Queue
+/// keys"): `cap` (global bucket + weight sum), `act` (active tenants, ZSET
+/// by last seen), `aw` (their weights), `use` (their decayed usage), `n`
+/// (queued count), `tn` (queued count per tenant), `ring` (backlogged
+/// tenants, DRR order), `q:<tenant>` (a tenant's FIFO of ids), `drr`
+/// (deficits and the turn), `w` (weights of backlogged tenants), `lease`
+/// (ZSET id -> lease deadline), `delay` (ZSET `<id>:<tenant>` -> not-before),
+/// `tk:<ticket>` (one-time tickets), `it:<id>` (request + result).
+pub fn upstream_prefix(upstream: &str) -> String {
+    format!("{PREFIX}{}:", upstream_tag(upstream))
+}
+
+/// `sluice:{u:<upstream>}:tk:<ticket>`.
+pub fn ticket(upstream: &str, ticket: &str) -> String {
+    format!("{}tk:{ticket}", upstream_prefix(upstream))
+}
+
+/// `sluice:{u:<upstream>}:it:<id>`.
+pub fn item(upstream: &str, id: &str) -> String {
+    format!("{}it:{id}", upstream_prefix(upstream))
+}
+
+/// Pub/sub channel of queue events (`d:<id>` a request finished, `w:<upstream>`
+/// new work). A channel, not a key: it has no slot and stores nothing.
+pub const QUEUE_EVENTS: &str = "sluice:queue:events";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +206,18 @@ mod tests {
         ] {
             assert!(key.contains("{t:a@b}"), "{key}");
         }
+    }
+
+    #[test]
+    fn the_rate_bucket_and_charge_markers_are_in_the_tenant_slot() {
+        assert_eq!(rate_bucket("a"), "sluice:{t:a}:rate");
+        assert_eq!(charged("a", "ff"), "sluice:{t:a}:chg:ff");
+    }
+
+    #[test]
+    fn every_queue_key_of_an_upstream_shares_its_hash_tag() {
+        assert_eq!(upstream_prefix("llm"), "sluice:{u:llm}:");
+        assert_eq!(ticket("llm", "ab"), "sluice:{u:llm}:tk:ab");
+        assert_eq!(item("llm", "cd"), "sluice:{u:llm}:it:cd");
     }
 }

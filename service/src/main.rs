@@ -87,7 +87,24 @@ struct ServeArgs {
     /// Enable PUT /v1/admin/test-clock (tests only).
     #[arg(long, env = "SLUICE_ENABLE_TEST_CLOCK", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     enable_test_clock: bool,
-    /// Validate flags and the tiers file, print a summary and exit (never connects).
+    /// Upstreams JSON file: capacities and queue settings (none when absent).
+    #[arg(long, env = "SLUICE_UPSTREAMS")]
+    upstreams: Option<PathBuf>,
+    /// Address of the queue listener, where Envoy's queue route sends
+    /// overflow (HTTP/1.1 and h2c); no queue listener when absent.
+    #[arg(long, env = "SLUICE_QUEUE_LISTEN")]
+    queue_listen: Option<SocketAddr>,
+    /// Queue workers per upstream in this replica (0: dispatch nothing).
+    #[arg(long, env = "SLUICE_WORKERS", default_value_t = 4)]
+    workers: usize,
+    /// How long an in-flight dispatch may still run after SIGTERM before it
+    /// is put back in the queue (at most 60000; the drain is 10 s in all).
+    #[arg(long, env = "SLUICE_WORKER_DRAIN_MS", default_value_t = 5000)]
+    worker_drain_ms: u64,
+    /// Tenant header on the queue listener (must match the filter's).
+    #[arg(long, env = "SLUICE_TENANT_HEADER", default_value = "x-tenant-id")]
+    tenant_header: String,
+    /// Validate flags, the tiers and upstreams files, print a summary and exit (never connects).
     #[arg(long)]
     check_config: bool,
 }
@@ -97,6 +114,13 @@ struct DemoArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8082")]
     listen: SocketAddr,
+    /// Requests per second it serves (counted paths); beyond, 503
+    /// `over_capacity`. 0: unlimited.
+    #[arg(long, default_value_t = 0)]
+    capacity: u64,
+    /// Time each counted request takes, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
 }
 
 fn init_logging() {
@@ -157,7 +181,11 @@ async fn main() -> ExitCode {
                 }
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let server = sluice_service::run_demo_upstream(listener, async move {
+            let demo = sluice_service::demo::DemoOptions {
+                capacity: args.capacity,
+                latency: Duration::from_millis(args.latency_ms),
+            };
+            let server = sluice_service::demo::run_demo_upstream_with(listener, demo, async move {
                 let _ = rx.await;
             });
             serve_with_trigger(server, tx).await
@@ -216,6 +244,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         audit_retention_days: args.audit_retention_days,
         usage_retention_days: args.usage_retention_days,
         metrics_top_tenants: args.metrics_top_tenants,
+        upstreams_file: args.upstreams,
+        workers: Some(args.workers),
+        tenant_header: Some(args.tenant_header),
+        worker_drain_ms: Some(args.worker_drain_ms),
     };
     let config = match options.compile() {
         Ok(c) => c,
@@ -228,9 +260,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         // Written with write! so a closed pipe (`| head`) is not a panic.
         use std::io::Write;
         let mut out = std::io::stdout().lock();
+        let queue = args.queue_listen.map_or("none".to_string(), |a| a.to_string());
         let _ = write!(
             out,
-            "configuration OK\nlisten:           {}\nadmin listen:     {}\n{}",
+            "configuration OK\nlisten:           {}\nadmin listen:     {}\nqueue-listen:     {queue}\n{}",
             args.listen,
             args.admin_listen.map_or_else(|| "same as listen".to_string(), |a| a.to_string()),
             config.summary()
@@ -256,8 +289,23 @@ async fn serve(args: ServeArgs) -> ExitCode {
             }
         },
     };
+    let queue_listener = match args.queue_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("sluice: cannot listen on {addr} (queue): {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let listeners = sluice_service::Listeners {
+        data: listener,
+        admin: admin_listener,
+        queue: queue_listener,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = sluice_service::run_split(listener, admin_listener, config, async move {
+    let server = sluice_service::run_listeners(listeners, config, async move {
         let _ = rx.await;
     });
     serve_with_trigger(server, tx).await

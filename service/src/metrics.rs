@@ -13,11 +13,18 @@ use prometheus::{
 use sluice_wire::{Window, WindowState};
 
 /// Check outcomes; `error` covers Redis failures (answered with 503).
-pub const RESULTS: [&str; 4] = ["allowed", "denied", "invalid", "error"];
+pub const RESULTS: [&str; 6] = [
+    "allowed",
+    "denied",
+    "queued",
+    "overflow_rejected",
+    "invalid",
+    "error",
+];
 /// Redis operations, for errors and latency.
-pub const REDIS_OPS: [&str; 12] = [
+pub const REDIS_OPS: [&str; 13] = [
     "check", "status", "admin", "ping", "report", "audit", "tiers", "usage", "time", "info",
-    "load", "index",
+    "load", "index", "queue",
 ];
 /// Admin changes.
 pub const ADMIN_ACTIONS: [&str; 12] = [
@@ -36,14 +43,44 @@ pub const ADMIN_ACTIONS: [&str; 12] = [
 ];
 /// Usage report outcomes.
 pub const USAGE_RESULTS: [&str; 5] = ["settled", "duplicate", "unknown", "invalid", "error"];
-/// Why a check was denied: the binding window (`route_` for route windows).
-pub const REJECT_REASONS: [&str; 6] = [
+/// Why a check was denied: the binding window (`route_` for route windows;
+/// `second` is the tier's short-term rate).
+pub const REJECT_REASONS: [&str; 7] = [
     "hour",
     "day",
     "month",
     "route_hour",
     "route_day",
     "route_month",
+    "second",
+];
+/// What the capacity step decided for a check on an upstream route.
+pub const CAPACITY_DECISIONS: [&str; 6] = [
+    "direct",
+    "queued",
+    "denied",
+    "capacity_exceeded",
+    "queue_full",
+    "system_overloaded",
+];
+/// Why the queue refused or dropped a request.
+pub const QUEUE_REJECTIONS: [&str; 7] = [
+    "queue_full",
+    "system_overloaded",
+    "queue_timeout",
+    "capacity_exceeded",
+    "bad_ticket",
+    "payload_too_large",
+    "cancelled",
+];
+/// How a worker's dispatch ended.
+pub const DISPATCH_RESULTS: [&str; 6] = [
+    "ok",
+    "upstream_error",
+    "quota_denied",
+    "deferred",
+    "requeued",
+    "stale",
 ];
 /// Upper bounds (ms) of the daily upstream-latency histogram; bucket
 /// `LATENCY_BUCKETS_MS.len()` holds everything slower.
@@ -75,11 +112,13 @@ struct UtilTracker {
     tenants: HashMap<String, [Option<(f64, u64)>; 3]>,
 }
 
-fn window_index(w: Window) -> usize {
+fn window_index(w: Window) -> Option<usize> {
     match w {
-        Window::Hour => 0,
-        Window::Day => 1,
-        Window::Month => 2,
+        Window::Hour => Some(0),
+        Window::Day => Some(1),
+        Window::Month => Some(2),
+        // The short-term rate is not a quota window.
+        Window::Second => None,
     }
 }
 
@@ -104,7 +143,7 @@ impl UtilTracker {
             let reset = i64::try_from(w.reset)
                 .unwrap_or(i64::MAX)
                 .saturating_sub(offset_s);
-            if let Some(slot) = row.get_mut(window_index(w.window)) {
+            if let Some(slot) = window_index(w.window).and_then(|i| row.get_mut(i)) {
                 *slot = Some((ratio, u64::try_from(reset).unwrap_or(0)));
             }
         }
@@ -187,6 +226,7 @@ pub struct Metrics {
     queue_depth_total: IntGauge,
     queue_wait: Histogram,
     worker_lag: Gauge,
+    queue: QueueMetrics,
     top_n: usize,
     util: Mutex<UtilTracker>,
     last_refresh_ms: std::sync::atomic::AtomicU64,
@@ -409,6 +449,7 @@ impl Metrics {
                 "Age of the oldest queued request not yet taken by a worker; 0 while no queue is configured",
             )?,
         )?;
+        let queue = QueueMetrics::new(&r)?;
         Ok(Metrics {
             registry: r,
             checks,
@@ -434,6 +475,7 @@ impl Metrics {
             queue_depth_total,
             queue_wait,
             worker_lag,
+            queue,
             top_n,
             util: Mutex::new(UtilTracker::default()),
             last_refresh_ms: std::sync::atomic::AtomicU64::new(0),
@@ -540,6 +582,90 @@ impl Metrics {
         self.worker_lag.set(lag.as_secs_f64());
     }
 
+    /// Pre-creates every upstream-labelled series, so dashboards see zeros.
+    pub fn register_upstreams(&self, upstreams: &[&str]) -> Result<(), prometheus::Error> {
+        let q = &self.queue;
+        for u in upstreams {
+            for d in CAPACITY_DECISIONS {
+                q.capacity.with_label_values(&[u, d]);
+            }
+            q.upstream_depth.with_label_values(&[u]);
+            q.in_flight.with_label_values(&[u]);
+            q.deferred.with_label_values(&[u]);
+            for r in DISPATCH_RESULTS {
+                q.dispatches.with_label_values(&[u, r]);
+            }
+            for r in QUEUE_REJECTIONS {
+                q.rejections.with_label_values(&[u, r]);
+            }
+            for m in ["wait", "async"] {
+                q.enqueued.with_label_values(&[u, m]);
+            }
+            for r in ["lease_expired", "shutdown"] {
+                q.requeued.with_label_values(&[u, r]);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn capacity(&self, upstream: &str, verdict: crate::decision::Verdict) {
+        use crate::decision::Verdict;
+        let decision = match verdict {
+            Verdict::Allow | Verdict::Charged => "direct",
+            Verdict::Queued => "queued",
+            Verdict::Quota | Verdict::Rate => "denied",
+            Verdict::Capacity => "capacity_exceeded",
+            Verdict::QueueFull => "queue_full",
+            Verdict::Overloaded => "system_overloaded",
+        };
+        self.queue.capacity.with_label_values(&[upstream, decision]).inc();
+    }
+
+    /// One upstream's queue as read at scrape time.
+    pub fn queue_upstream(&self, upstream: &str, queued: u64, in_flight: u64, deferred: u64) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.queue.upstream_depth.with_label_values(&[upstream]).set(g(queued));
+        self.queue.in_flight.with_label_values(&[upstream]).set(g(in_flight));
+        self.queue.deferred.with_label_values(&[upstream]).set(g(deferred));
+    }
+
+    /// The whole queue as read at scrape time: the total, the depth per
+    /// tenant (the deepest `top_n` by name, the rest under `other`) and
+    /// the age of the oldest queued request (the worker lag).
+    pub fn queue_snapshot(&self, total: u64, per_tenant: &std::collections::BTreeMap<String, u64>, lag: Duration) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.queue_depth_total(g(total));
+        self.worker_lag(lag);
+        let mut deepest: Vec<(&String, &u64)> = per_tenant.iter().collect();
+        deepest.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        self.queue_depth.reset();
+        let mut other = 0u64;
+        for (i, (t, d)) in deepest.into_iter().enumerate() {
+            if i < self.top_n {
+                self.queue_depth(t, g(*d));
+            } else {
+                other = other.saturating_add(*d);
+            }
+        }
+        self.queue_depth("other", g(other));
+    }
+
+    pub fn dispatch(&self, upstream: &str, result: &'static str) {
+        self.queue.dispatches.with_label_values(&[upstream, result]).inc();
+    }
+
+    pub fn queue_rejection(&self, upstream: &str, reason: &'static str) {
+        self.queue.rejections.with_label_values(&[upstream, reason]).inc();
+    }
+
+    pub fn enqueued(&self, upstream: &str, mode: &'static str) {
+        self.queue.enqueued.with_label_values(&[upstream, mode]).inc();
+    }
+
+    pub fn requeued(&self, upstream: &str, reason: &'static str, n: u64) {
+        self.queue.requeued.with_label_values(&[upstream, reason]).inc_by(n);
+    }
+
     fn refresh_derived(&self) {
         if let Ok(mut u) = self.util.lock() {
             let (top, other) = u.snapshot(self.top_n);
@@ -583,6 +709,69 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The queue's upstream-labelled metrics (`upstream` takes the names of the
+/// upstreams file: bounded).
+struct QueueMetrics {
+    capacity: IntCounterVec,
+    upstream_depth: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    deferred: IntGaugeVec,
+    dispatches: IntCounterVec,
+    rejections: IntCounterVec,
+    enqueued: IntCounterVec,
+    requeued: IntCounterVec,
+}
+
+impl QueueMetrics {
+    fn new(r: &Registry) -> Result<QueueMetrics, prometheus::Error> {
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            reg(r, IntCounterVec::new(Opts::new(name, help), labels)?)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            reg(r, IntGaugeVec::new(Opts::new(name, help), &["upstream"])?)
+        };
+        Ok(QueueMetrics {
+            capacity: counter(
+                "sluice_capacity_decisions_total",
+                "Checks on upstream routes by what the capacity step decided",
+                &["upstream", "decision"],
+            )?,
+            upstream_depth: gauge(
+                "sluice_queue_upstream_depth",
+                "Requests waiting in an upstream's queue (queued or deferred), read at scrape time",
+            )?,
+            in_flight: gauge(
+                "sluice_queue_in_flight",
+                "Queued requests being dispatched (leased), read at scrape time",
+            )?,
+            deferred: gauge(
+                "sluice_queue_deferred",
+                "Queued requests waiting for their quota window to reset, read at scrape time",
+            )?,
+            dispatches: counter(
+                "sluice_queue_dispatches_total",
+                "Queued requests a worker took, by how the dispatch ended",
+                &["upstream", "result"],
+            )?,
+            rejections: counter(
+                "sluice_queue_rejections_total",
+                "Requests the queue refused or dropped, by reason",
+                &["upstream", "reason"],
+            )?,
+            enqueued: counter(
+                "sluice_queue_enqueued_total",
+                "Requests taken into the queue",
+                &["upstream", "mode"],
+            )?,
+            requeued: counter(
+                "sluice_queue_requeued_total",
+                "Leased requests put back: lease expired (a worker died) or shutdown",
+                &["upstream", "reason"],
+            )?,
+        })
     }
 }
 

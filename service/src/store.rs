@@ -25,8 +25,9 @@ use sluice_wire::Window;
 use sluice_wire::{StorageState, UsageAnswer};
 
 use crate::config::{ServeConfig, LIMITS, RESERVATION_TTL_S, SETTLED_TTL_S};
-use crate::decision::{RowKind, ScriptDecision, ValidCheck, ValidUsage, WindowRow};
+use crate::decision::{RowKind, ScriptDecision, ValidCheck, ValidUsage, Verdict, WindowRow};
 use crate::tiers::TiersSnapshot;
+use crate::upstreams::Upstream;
 use crate::{keys, scripts};
 
 #[derive(Debug)]
@@ -196,9 +197,136 @@ impl ConnectionLike for Healing {
     }
 }
 
+/// The queue scripts, loaded together.
+#[derive(Clone)]
+struct QueueScripts {
+    charge: Script,
+    enqueue: Script,
+    dequeue: Script,
+    complete: Script,
+    give_back: Script,
+    cancel: Script,
+    stats: Script,
+}
+
+/// How a queued request is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The client's connection is held until the answer (the default).
+    Wait,
+    /// `Prefer: respond-async`: 202 and a Location to read the answer later.
+    Async,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Wait => "wait",
+            Mode::Async => "async",
+        }
+    }
+}
+
+/// A request to take into the queue.
+#[derive(Debug, Clone)]
+pub struct NewItem<'a> {
+    pub id: &'a str,
+    pub ticket: &'a str,
+    pub tenant: &'a str,
+    pub mode: Mode,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers_json: &'a str,
+    pub body: &'a [u8],
+}
+
+/// What ENQUEUE did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    Ok { deadline_ms: i64, now_ms: i64 },
+    BadTicket,
+    QueueFull { depth: u64 },
+    Overloaded { depth: u64 },
+}
+
+/// A request a worker has leased.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub id: String,
+    pub attempt: u64,
+    pub now_ms: i64,
+    pub tenant: String,
+    pub policy: Option<String>,
+    pub cost: u64,
+    pub route_spec: String,
+    pub queue_on_quota: bool,
+    /// Token estimate of the request (charged as is at dispatch).
+    pub tokens: u64,
+    pub mode: Mode,
+    pub method: String,
+    pub path: String,
+    pub headers_json: String,
+    pub body: Vec<u8>,
+    pub created_ms: i64,
+    pub deadline_ms: i64,
+}
+
+/// What DEQUEUE found.
+#[derive(Debug, Clone)]
+pub enum Dequeued {
+    Item(Box<Leased>),
+    /// No capacity (token or concurrency) for this long.
+    Wait(Duration),
+    Empty,
+    /// Visited its bound without finding work; call again.
+    Busy,
+}
+
+/// A final answer stored with a queued request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub headers_json: String,
+    pub body: Vec<u8>,
+}
+
+/// A queued request as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemView {
+    /// queued | deferred | leased | done | expired | failed
+    pub state: String,
+    pub tenant: String,
+    pub mode: String,
+    pub answer: Option<Answer>,
+}
+
+/// Depth of one tenant's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantDepth {
+    pub tenant: String,
+    pub depth: u64,
+    /// Epoch ms the oldest queued request arrived (None: only deferred ones).
+    pub oldest_ms: Option<i64>,
+}
+
+/// An upstream's queue at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStats {
+    pub now_ms: i64,
+    pub queued: u64,
+    pub in_flight: u64,
+    pub deferred: u64,
+    pub tenants_total: u64,
+    /// Epoch ms the oldest queued request arrived.
+    pub oldest_ms: Option<i64>,
+    pub tenants: Vec<TenantDepth>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Healing,
+    /// For pub/sub connections (queue events), which do not go through `conn`.
+    client: redis::Client,
     timeout: Duration,
     check: Script,
     status: Script,
@@ -208,6 +336,7 @@ pub struct Store {
     audit_append: Script,
     tiers_seed: Script,
     tiers_write: Script,
+    queue: QueueScripts,
     redis_seconds: Option<HistogramVec>,
 }
 
@@ -223,7 +352,12 @@ impl Store {
     /// Creates the store without connecting: the service starts (and
     /// answers /healthz and /readyz) even while Redis is down.
     pub fn new(config: &ServeConfig) -> Result<Store, StoreError> {
-        let client = redis::Client::open(config.redis_url.as_str())?;
+        // TCP_NODELAY: many scripts share one multiplexed connection, and a
+        // small command must not wait behind Nagle's algorithm (and the
+        // peer's delayed ACK, ~40 ms): measured by make bench-fairness.
+        let info = redis::IntoConnectionInfo::into_connection_info(config.redis_url.as_str())?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info)?;
         let mgr_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.redis_timeout))
             .set_connection_timeout(Some(config.redis_timeout))
@@ -234,9 +368,10 @@ impl Store {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
         let min_age = config.redis_timeout.max(Duration::from_millis(200));
-        let conn = Healing::new(client, mgr_config, min_age)?;
+        let conn = Healing::new(client.clone(), mgr_config, min_age)?;
         Ok(Store {
             conn,
+            client,
             timeout: config.redis_timeout,
             check: Script::new(scripts::CHECK),
             status: Script::new(scripts::STATUS),
@@ -246,6 +381,15 @@ impl Store {
             audit_append: Script::new(scripts::AUDIT_APPEND),
             tiers_seed: Script::new(scripts::TIERS_SEED),
             tiers_write: Script::new(scripts::TIERS_WRITE),
+            queue: QueueScripts {
+                charge: Script::new(scripts::CHARGE),
+                enqueue: Script::new(scripts::ENQUEUE),
+                dequeue: Script::new(scripts::DEQUEUE),
+                complete: Script::new(scripts::COMPLETE),
+                give_back: Script::new(scripts::GIVE_BACK),
+                cancel: Script::new(scripts::CANCEL),
+                stats: Script::new(scripts::QUEUE_STATS),
+            },
             redis_seconds: None,
         })
     }
@@ -294,6 +438,8 @@ impl Store {
         offset_ms: i64,
         tiers: &TiersSnapshot,
         usage_ttl_s: u64,
+        upstream: Option<&Upstream>,
+        ticket: &str,
     ) -> Result<ScriptDecision, StoreError> {
         let mut inv = self.check.prepare_invoke();
         inv.key(keys::cfg(&c.tenant))
@@ -320,7 +466,28 @@ impl Store {
             .arg(RESERVATION_TTL_S)
             .arg(keys::usage_prefix(&c.tenant))
             .arg(usage_ttl_s)
-            .arg(u8::from(c.shadow));
+            .arg(u8::from(c.shadow))
+            .arg(keys::rate_bucket(&c.tenant));
+        match upstream {
+            Some(u) => {
+                let max_wait = c
+                    .max_wait_ms
+                    .unwrap_or_else(|| u64::try_from(u.max_wait.as_millis()).unwrap_or(u64::MAX));
+                inv.arg(keys::upstream_prefix(&u.name))
+                    .arg(format!(
+                        "{},{},{},{},{}",
+                        u.rate, u.burst, u.debt, u.tenant_queue_depth, u.global_queue_depth
+                    ))
+                    .arg(&c.tenant)
+                    .arg(u8::from(c.can_queue))
+                    .arg(u8::from(!c.on_quota_exceeded.is_reject()))
+                    .arg(max_wait);
+            }
+            None => {
+                inv.arg("").arg("").arg(&c.tenant).arg(0).arg(0).arg(0);
+            }
+        }
+        inv.arg(ticket).arg(c.policy.as_deref().unwrap_or(""));
         for rl in &c.route_limits {
             inv.arg(rl.window.as_str()).arg(rl.limit);
         }
@@ -618,6 +785,7 @@ impl Store {
     /// once. Optional: EVALSHA reloads on NOSCRIPT anyway.
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
+        let q = &self.queue;
         for script in [
             &self.check,
             &self.status,
@@ -625,11 +793,341 @@ impl Store {
             &self.tenant_update,
             &self.report,
             &self.audit_append,
+            &q.charge,
+            &q.enqueue,
+            &q.dequeue,
+            &q.complete,
+            &q.give_back,
+            &q.cancel,
+            &q.stats,
         ] {
             self.bounded("load", script.prepare_invoke().load_async(&mut conn))
                 .await?;
         }
         Ok(())
+    }
+
+    /// A new connection for pub/sub (subscriptions need their own).
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, StoreError> {
+        self.bounded("queue", self.client.get_async_pubsub()).await
+    }
+
+    /// CHARGE: the quota of a queued request, once, at dispatch.
+    pub async fn charge(
+        &self,
+        item: &Leased,
+        offset_ms: i64,
+        tiers: &TiersSnapshot,
+        usage_ttl_s: u64,
+        marker_ttl: Duration,
+    ) -> Result<ScriptDecision, StoreError> {
+        let mut inv = self.queue.charge.prepare_invoke();
+        inv.key(keys::cfg(&item.tenant))
+            .key(keys::charged(&item.tenant, &item.id))
+            .arg(offset_ms)
+            .arg(item.cost)
+            .arg(tiers.tiers.default_tier())
+            .arg(&tiers.script_arg)
+            .arg(keys::tier_counter_prefix(&item.tenant))
+            .arg(
+                item.policy
+                    .as_deref()
+                    .map(|p| keys::route_counter_prefix(&item.tenant, p))
+                    .unwrap_or_default(),
+            )
+            .arg(&item.route_spec)
+            .arg(item.tokens)
+            .arg(keys::token_counter_prefix(&item.tenant))
+            .arg(keys::usage_prefix(&item.tenant))
+            .arg(usage_ttl_s)
+            .arg(u64::try_from(marker_ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("queue", inv.invoke_async(&mut conn)).await?;
+        parse_charge(reply)
+    }
+
+    /// ENQUEUE: consumes the ticket and stores the request.
+    pub async fn enqueue(
+        &self,
+        up: &Upstream,
+        item: &NewItem<'_>,
+        offset_ms: i64,
+    ) -> Result<Enqueued, StoreError> {
+        let mut inv = self.queue.enqueue.prepare_invoke();
+        inv.key(keys::ticket(&up.name, item.ticket))
+            .key(keys::item(&up.name, item.id))
+            .arg(keys::upstream_prefix(&up.name))
+            .arg(offset_ms)
+            .arg(item.id)
+            .arg(item.mode.as_str())
+            .arg(item.method)
+            .arg(item.path)
+            .arg(item.headers_json)
+            .arg(item.body)
+            .arg(up.tenant_queue_depth)
+            .arg(up.global_queue_depth)
+            .arg(ms(up.keep_after_deadline()))
+            .arg(item.tenant)
+            .arg(keys::QUEUE_EVENTS)
+            .arg(format!("w:{}", up.name));
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("queue", inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        Ok(match as_text(f.next()?)?.as_str() {
+            "ok" => Enqueued::Ok {
+                deadline_ms: as_int(f.next()?)?,
+                now_ms: as_int(f.next()?)?,
+            },
+            "bad_ticket" => Enqueued::BadTicket,
+            "queue_full" => Enqueued::QueueFull {
+                depth: as_u64(f.next()?)?,
+            },
+            "overloaded" => Enqueued::Overloaded {
+                depth: as_u64(f.next()?)?,
+            },
+            other => return Err(bad(format!("enqueue answered {other:?}"))),
+        })
+    }
+
+    /// DEQUEUE: reaps, then leases the next request in DRR order.
+    /// `failed` and `expired` are the answers stored for requests out of
+    /// attempts or past their deadline.
+    pub async fn dequeue(
+        &self,
+        up: &Upstream,
+        offset_ms: i64,
+        failed: &Answer,
+        expired: &Answer,
+    ) -> Result<Dequeued, StoreError> {
+        let mut inv = self.queue.dequeue.prepare_invoke();
+        inv.arg(keys::upstream_prefix(&up.name))
+            .arg(offset_ms)
+            .arg(up.rate)
+            .arg(up.burst)
+            .arg(up.concurrency)
+            .arg(ms(up.lease))
+            .arg(up.max_attempts)
+            .arg(ms(up.result_ttl))
+            .arg(failed.status)
+            .arg(&failed.headers_json)
+            .arg(&failed.body)
+            .arg(expired.status)
+            .arg(&expired.headers_json)
+            .arg(&expired.body)
+            .arg(keys::QUEUE_EVENTS);
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("queue", inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        Ok(match as_text(f.next()?)?.as_str() {
+            "item" => {
+                let id = as_text(f.next()?)?;
+                let attempt = as_u64(f.next()?)?;
+                let now_ms = as_int(f.next()?)?;
+                let tenant = as_text(f.next()?)?;
+                let policy = Some(as_text(f.next()?)?).filter(|p| !p.is_empty());
+                let cost = as_u64(f.next()?)?;
+                let route_spec = as_text(f.next()?)?;
+                let queue_on_quota = as_text(f.next()?)? == "1";
+                let mode = if as_text(f.next()?)? == "async" { Mode::Async } else { Mode::Wait };
+                let method = as_text(f.next()?)?;
+                let path = as_text(f.next()?)?;
+                let headers_json = as_text(f.next()?)?;
+                let body = as_bytes(f.next()?)?;
+                let created_ms = as_int(f.next()?)?;
+                let deadline_ms = as_int(f.next()?)?;
+                let tokens = as_int(f.next()?).ok().and_then(|t| u64::try_from(t).ok()).unwrap_or(0);
+                Dequeued::Item(Box::new(Leased {
+                    id,
+                    attempt,
+                    now_ms,
+                    tenant,
+                    policy,
+                    cost,
+                    route_spec,
+                    queue_on_quota,
+                    tokens,
+                    mode,
+                    method,
+                    path,
+                    headers_json,
+                    body,
+                    created_ms,
+                    deadline_ms,
+                }))
+            }
+            "wait" => Dequeued::Wait(Duration::from_millis(as_u64(f.next()?)?.clamp(1, 1_000))),
+            "empty" => Dequeued::Empty,
+            "busy" => Dequeued::Busy,
+            other => return Err(bad(format!("dequeue answered {other:?}"))),
+        })
+    }
+
+    /// COMPLETE: stores the answer; false if an answer was already final.
+    pub async fn complete(
+        &self,
+        up: &Upstream,
+        id: &str,
+        answer: &Answer,
+        refund: bool,
+        offset_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.queue.complete.prepare_invoke();
+        inv.key(keys::item(&up.name, id))
+            .arg(keys::upstream_prefix(&up.name))
+            .arg(id)
+            .arg(offset_ms)
+            .arg(answer.status)
+            .arg(&answer.headers_json)
+            .arg(&answer.body)
+            .arg(ms(up.result_ttl))
+            .arg(keys::QUEUE_EVENTS)
+            .arg(u8::from(refund))
+            .arg(up.rate)
+            .arg(up.burst);
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("queue", inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        Ok(as_text(f.next()?)? == "ok")
+    }
+
+    /// GIVE_BACK: a leased request goes back to the queue (front), or is
+    /// deferred until `not_before_ms`; false if the lease was lost.
+    pub async fn give_back(
+        &self,
+        up: &Upstream,
+        item: &Leased,
+        not_before_ms: i64,
+        offset_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.queue.give_back.prepare_invoke();
+        inv.key(keys::item(&up.name, &item.id))
+            .arg(keys::upstream_prefix(&up.name))
+            .arg(&item.id)
+            .arg(item.attempt)
+            .arg(offset_ms)
+            .arg(not_before_ms)
+            .arg(up.rate)
+            .arg(up.burst)
+            .arg(keys::QUEUE_EVENTS)
+            .arg(format!("w:{}", up.name));
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("queue", inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        Ok(as_text(f.next()?)? == "ok")
+    }
+
+    /// CANCEL: takes a waiting request out (`timeout` stores `expired` as
+    /// its answer, `gone` deletes it). Returns `removed` or the state it
+    /// was in (`leased`, a final state, or `gone`).
+    pub async fn cancel(
+        &self,
+        up: &Upstream,
+        id: &str,
+        timeout: bool,
+        expired: &Answer,
+        offset_ms: i64,
+    ) -> Result<String, StoreError> {
+        let mut inv = self.queue.cancel.prepare_invoke();
+        inv.key(keys::item(&up.name, id))
+            .arg(keys::upstream_prefix(&up.name))
+            .arg(id)
+            .arg(offset_ms)
+            .arg(if timeout { "timeout" } else { "gone" })
+            .arg(expired.status)
+            .arg(&expired.headers_json)
+            .arg(&expired.body)
+            .arg(ms(up.result_ttl))
+            .arg(keys::QUEUE_EVENTS);
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("queue", inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        as_text(f.next()?)
+    }
+
+    /// A queued request's state and answer (None: unknown or expired).
+    pub async fn item(&self, up: &str, id: &str) -> Result<Option<ItemView>, StoreError> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(keys::item(up, id))
+            .arg("st")
+            .arg("t")
+            .arg("m")
+            .arg("rs")
+            .arg("rh")
+            .arg("rb");
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("queue", cmd.query_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        let state = match f.next()? {
+            Value::Nil => return Ok(None),
+            v => as_text(v)?,
+        };
+        let tenant = as_text(f.next()?)?;
+        let mode = as_text(f.next()?).unwrap_or_default();
+        let answer = match f.next()? {
+            Value::Nil => None,
+            status => Some(Answer {
+                status: u16::try_from(as_int(status)?).map_err(|_| bad("bad status"))?,
+                headers_json: as_text(f.next()?)?,
+                body: as_bytes(f.next()?)?,
+            }),
+        };
+        Ok(Some(ItemView {
+            state,
+            tenant,
+            mode,
+            answer,
+        }))
+    }
+
+    /// Deletes a wait-mode request whose answer its waiter has sent.
+    pub async fn forget_item(&self, up: &str, id: &str) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(keys::item(up, id));
+        let mut conn = self.conn.clone();
+        self.bounded("queue", cmd.query_async::<()>(&mut conn)).await
+    }
+
+    /// QUEUE_STATS: depth and oldest wait of an upstream's queue.
+    pub async fn queue_stats(
+        &self,
+        up: &str,
+        offset_ms: i64,
+        max_tenants: usize,
+    ) -> Result<QueueStats, StoreError> {
+        let mut inv = self.queue.stats.prepare_invoke();
+        inv.arg(keys::upstream_prefix(up))
+            .arg(offset_ms)
+            .arg(max_tenants);
+        let mut conn = self.conn.clone();
+        let reply: Value = self.bounded("queue", inv.invoke_async(&mut conn)).await?;
+        let mut f = fields(&reply)?;
+        let now_ms = as_int(f.next()?)?;
+        let queued = as_u64(f.next()?)?;
+        let in_flight = as_u64(f.next()?)?;
+        let deferred = as_u64(f.next()?)?;
+        let tenants_total = as_u64(f.next()?)?;
+        let oldest = as_int(f.next()?)?;
+        let listed = as_u64(f.next()?)?;
+        let mut tenants = Vec::new();
+        for _ in 0..listed {
+            let tenant = as_text(f.next()?)?;
+            let depth = as_u64(f.next()?)?;
+            let oldest = as_int(f.next()?)?;
+            tenants.push(TenantDepth {
+                tenant,
+                depth,
+                oldest_ms: (oldest > 0).then_some(oldest),
+            });
+        }
+        Ok(QueueStats {
+            now_ms,
+            queued,
+            in_flight,
+            deferred,
+            tenants_total,
+            oldest_ms: (oldest > 0).then_some(oldest),
+            tenants,
+        })
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -664,6 +1162,19 @@ fn as_int(v: &Value) -> Result<i64, StoreError> {
     }
 }
 
+fn as_bytes(v: &Value) -> Result<Vec<u8>, StoreError> {
+    match v {
+        Value::BulkString(b) => Ok(b.clone()),
+        Value::SimpleString(s) => Ok(s.clone().into_bytes()),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(bad(format!("expected bytes, got {other:?}"))),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn as_u64(v: &Value) -> Result<u64, StoreError> {
     let i = as_int(v)?;
     u64::try_from(i).map_err(|_| bad(format!("negative value {i}")))
@@ -679,6 +1190,7 @@ fn as_text(v: &Value) -> Result<String, StoreError> {
 
 fn as_window(v: &Value) -> Result<Window, StoreError> {
     match as_text(v)?.as_str() {
+        "second" => Ok(Window::Second),
         "hour" => Ok(Window::Hour),
         "day" => Ok(Window::Day),
         "month" => Ok(Window::Month),
@@ -723,6 +1235,7 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
                 0 => RowKind::Tier,
                 1 => RowKind::Route,
                 2 => RowKind::Tokens,
+                3 => RowKind::Rate,
                 k => return Err(bad(format!("unknown row kind {k}"))),
             },
             limit: as_u64(f.next()?)?,
@@ -737,7 +1250,13 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
     let pool = as_text(f.next()?)?;
     let day = as_text(f.next()?)?;
     let cost = as_u64(f.next()?)?;
+    let verdict_text = as_text(f.next()?)?;
+    let verdict = Verdict::parse(&verdict_text)
+        .ok_or_else(|| bad(format!("unknown verdict {verdict_text:?}")))?;
+    let extra = as_u64(f.next()?)?;
     Ok(ScriptDecision {
+        verdict,
+        extra,
         allowed,
         tier,
         rows,
@@ -751,6 +1270,47 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
         pool: (!pool.is_empty()).then_some(pool),
         day,
         cost,
+    })
+}
+
+/// CHARGE's reply: {verdict, tier, n, rows (as CHECK's), reset}.
+fn parse_charge(reply: Value) -> Result<ScriptDecision, StoreError> {
+    let mut f = fields(&reply)?;
+    let verdict_text = as_text(f.next()?)?;
+    let verdict = Verdict::parse(&verdict_text)
+        .ok_or_else(|| bad(format!("unknown verdict {verdict_text:?}")))?;
+    let tier = as_text(f.next()?)?;
+    let n = as_u64(f.next()?)?;
+    let mut rows = Vec::new();
+    for _ in 0..n {
+        rows.push(WindowRow {
+            window: as_window(f.next()?)?,
+            kind: match as_int(f.next()?)? {
+                0 => RowKind::Tier,
+                1 => RowKind::Route,
+                _ => RowKind::Tokens,
+            },
+            limit: as_u64(f.next()?)?,
+            used: as_u64(f.next()?)?,
+            remaining: as_u64(f.next()?)?,
+            reset: as_u64(f.next()?)?,
+            reset_in: as_u64(f.next()?)?,
+            exceeded: as_int(f.next()?)? == 1,
+        });
+    }
+    let extra = as_u64(f.next()?)?;
+    Ok(ScriptDecision {
+        allowed: verdict.allowed(),
+        tier,
+        rows,
+        reservation: None,
+        storage: None,
+        shadow: false,
+        pool: None,
+        day: String::new(),
+        cost: 0,
+        verdict,
+        extra,
     })
 }
 

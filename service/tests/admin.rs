@@ -319,7 +319,7 @@ async fn get_tiers_lists_the_configured_tiers_and_the_default() {
     assert_eq!(r.json["default_tier"], "free");
     assert_eq!(
         r.json["tiers"]["pro"],
-        json!({"hour": 1000, "day": 10000, "month": 200000, "tokens_month": 5000000, "storage_bytes": 50000000000u64})
+        json!({"hour": 1000, "day": 10000, "month": 200000, "tokens_month": 5000000, "storage_bytes": 50000000000u64, "weight": 2})
     );
 }
 

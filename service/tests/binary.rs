@@ -86,11 +86,31 @@ fn check_config_reads_tiers_and_token_files_and_env_defaults() {
 }
 
 #[test]
+fn check_config_shows_upstreams_workers_and_the_queue_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("upstreams.json");
+    std::fs::write(&up, r#"{"upstreams":{"gpu":{"url":"http://127.0.0.1:8082","rate":5,"concurrency":2}}}"#).unwrap();
+    let (out, stdout, stderr) = output(&mut sluice(&[
+        "serve", "--check-config", "--upstreams", up.to_str().unwrap(), "--queue-listen", "127.0.0.1:8083", "--workers", "3",
+    ]));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("queue-listen:     127.0.0.1:8083"), "{stdout}");
+    assert!(stdout.contains("workers:          3 per upstream"), "{stdout}");
+    assert!(stdout.contains("gpu: http://127.0.0.1:8082 rate 5/s burst 5 debt 5 concurrency 2"), "{stdout}");
+}
+
+#[test]
 fn check_config_exits_1_naming_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"tiers":{"free":{"hour":1,"minute":2}}}"#).unwrap();
     let bad_path = bad.to_str().unwrap();
+    let bad_up = dir.path().join("upstreams.json");
+    std::fs::write(&bad_up, r#"{"upstreams":{"gpu":{"url":"http://h","rate":0}}}"#).unwrap();
+    let bad_up_path = bad_up.to_str().unwrap();
+    let rate_tier = dir.path().join("rate.json");
+    std::fs::write(&rate_tier, r#"{"tiers":{"free":{"hour":1,"burst":2}}}"#).unwrap();
+    let rate_tier_path = rate_tier.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--tiers", bad_path], "tiers.free"),
         (vec!["--tiers", "/nonexistent/tiers.json"], "tiers file"),
@@ -106,6 +126,11 @@ fn check_config_exits_1_naming_what_is_wrong() {
             "admin-token-file",
         ),
         (vec!["--listen", "not-an-address"], "listen"),
+        (vec!["--upstreams", bad_up_path], "upstreams.gpu.rate"),
+        (vec!["--upstreams", "/nonexistent/up.json"], "upstreams file"),
+        (vec!["--tiers", rate_tier_path], "tiers.free.burst"),
+        (vec!["--tenant-header", "x-sluice-tenant"], "tenant-header"),
+        (vec!["--workers", "5000"], "workers"),
     ];
     for (args, needle) in cases {
         let mut all = vec!["serve", "--check-config"];
@@ -275,7 +300,7 @@ async fn the_demo_upstream_answers_like_an_llm_api_and_counts_per_tenant_and_pat
         .await;
     assert_eq!(
         r.json,
-        json!({"method": "GET", "path": "/anything", "tenant": "a", "request_id": null,
+        json!({"method": "GET", "path": "/anything", "query": "x=1", "tenant": "a", "request_id": null,
                "header_names": ["x-tenant-id"]})
     );
     let r = http
@@ -345,7 +370,7 @@ async fn the_demo_upstream_answers_like_an_llm_api_and_counts_per_tenant_and_pat
         .await;
     assert_eq!(
         stats.json,
-        json!({"total": 0, "by_tenant": {}, "by_path": {}})
+        json!({"total": 0, "by_tenant": {}, "by_path": {}, "by_request_id": {}, "over_capacity": 0, "arrivals": []})
     );
 
     sigterm(&running.0);

@@ -23,6 +23,8 @@ const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.htt
 pub const QUOTA_CLUSTER: &str = "sluice_quota";
 /// The cluster the shipped routes send traffic to.
 pub const UPSTREAM_CLUSTER: &str = "demo_upstream";
+/// The cluster of the queue listener (plugin config `queue_cluster`).
+pub const QUEUE_CLUSTER: &str = "sluice_queue";
 
 /// How to start Envoy. Build it with [`EnvoyOpts::new`] and change fields.
 #[derive(Debug, Clone)]
@@ -33,9 +35,13 @@ pub struct EnvoyOpts {
     pub quota_cluster_addr: SocketAddr,
     /// Endpoint of cluster `demo_upstream`.
     pub upstream_addr: SocketAddr,
+    /// Endpoint of cluster `sluice_queue` (the queue listener); `None`
+    /// points it at a closed port.
+    pub queue_addr: Option<SocketAddr>,
     /// `--concurrency` (worker threads, each with its own wasm VM).
     pub concurrency: u32,
-    /// Routes (Envoy route JSON) put before the shipped ones, so they win.
+    /// Routes (Envoy route JSON) put before the shipped ones (after the queue
+    /// routes, which must stay first), so they win.
     pub extra_routes: Vec<Value>,
     /// Clusters (Envoy cluster JSON) added to the shipped ones.
     pub extra_clusters: Vec<Value>,
@@ -58,6 +64,7 @@ impl EnvoyOpts {
             plugin_config,
             quota_cluster_addr,
             upstream_addr,
+            queue_addr: None,
             concurrency: 1,
             extra_routes: Vec::new(),
             extra_clusters: Vec::new(),
@@ -139,6 +146,9 @@ pub fn render_config(opts: &EnvoyOpts, listener_port: u16, admin_port: u16) -> V
     );
     set_cluster_endpoint(&mut config, QUOTA_CLUSTER, opts.quota_cluster_addr);
     set_cluster_endpoint(&mut config, UPSTREAM_CLUSTER, opts.upstream_addr);
+    // Port 9 (discard) on loopback: nothing listens, connections are refused.
+    let no_queue = SocketAddr::from(([127, 0, 0, 1], 9));
+    set_cluster_endpoint(&mut config, QUEUE_CLUSTER, opts.queue_addr.unwrap_or(no_queue));
 
     let plugin_json =
         serde_json::to_string(&opts.plugin_config).expect("serialize the plugin config");
@@ -159,8 +169,14 @@ pub fn render_config(opts: &EnvoyOpts, listener_port: u16, admin_port: u16) -> V
             .pointer_mut("/route_config/virtual_hosts/0/routes")
             .and_then(Value::as_array_mut)
             .expect("envoy/envoy.yaml: route_config.virtual_hosts[0].routes must be a list");
+        // After the queue routes (they must stay first: the filter's
+        // x-sluice-queue header has to win over any path match).
+        let first = routes
+            .iter()
+            .take_while(|r| r.get("name").and_then(Value::as_str).is_some_and(|n| n.starts_with("sluice_queue")))
+            .count();
         for (i, route) in opts.extra_routes.iter().enumerate() {
-            routes.insert(i, route.clone());
+            routes.insert(first + i, route.clone());
         }
     }
     if !opts.extra_clusters.is_empty() {

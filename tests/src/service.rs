@@ -33,10 +33,16 @@ const SLUICE_ENV: &[&str] = &[
     "SLUICE_METRICS_TOP_TENANTS",
     "SLUICE_ADMIN_URL",
     "SLUICE_ADMIN_ACTOR",
+    "SLUICE_UPSTREAMS",
+    "SLUICE_QUEUE_LISTEN",
+    "SLUICE_WORKERS",
+    "SLUICE_TENANT_HEADER",
+    "SLUICE_WORKER_DRAIN_MS",
 ];
 
 /// How to run `sluice serve`. `Default` gives an admin token
-/// ([`TEST_ADMIN_TOKEN`]), the test clock on, built-in tiers.
+/// ([`TEST_ADMIN_TOKEN`]), the test clock on, built-in tiers, a 2 s Redis
+/// timeout.
 #[derive(Debug, Clone)]
 pub struct ServiceOpts {
     /// Written to a file passed with `--admin-token-file`; `None` runs without
@@ -50,6 +56,12 @@ pub struct ServiceOpts {
     pub default_tier: Option<String>,
     /// `--redis-timeout-ms`.
     pub redis_timeout_ms: Option<u64>,
+    /// An upstreams document, written to a file passed with `--upstreams`.
+    pub upstreams: Option<serde_json::Value>,
+    /// Start the queue listener (`--queue-listen` on a free port).
+    pub queue: bool,
+    /// `--workers` (the service's default, 4, when `None`).
+    pub workers: Option<usize>,
     /// Appended to the command line as is.
     pub extra_args: Vec<String>,
 }
@@ -61,7 +73,13 @@ impl Default for ServiceOpts {
             enable_test_clock: true,
             tiers: None,
             default_tier: None,
-            redis_timeout_ms: None,
+            // Generous: on a loaded 2-core machine a 250 ms bound on Redis
+            // calls turns checks into 503s and routes into their failure
+            // mode. Tests of Redis timeouts set their own.
+            redis_timeout_ms: Some(2_000),
+            upstreams: None,
+            queue: false,
+            workers: None,
             extra_args: Vec::new(),
         }
     }
@@ -71,7 +89,9 @@ impl Default for ServiceOpts {
 pub struct Service {
     proc: ChildProc,
     addr: SocketAddr,
-    /// The command line (without `--listen`), for [`Service::restart`].
+    queue_addr: Option<SocketAddr>,
+    /// The command line (without `--listen` and `--queue-listen`), for
+    /// [`Service::restart`].
     args: Vec<String>,
     admin_token: Option<String>,
     dir: TestDir,
@@ -79,7 +99,8 @@ pub struct Service {
 
 impl Service {
     /// Runs `$SLUICE_BIN serve --listen 127.0.0.1:<free> --redis-url <redis_url> ...`
-    /// and waits until `GET /healthz` answers 200.
+    /// and waits until `GET /healthz` answers 200 (and the queue listener,
+    /// if any, accepts connections).
     pub fn start(redis_url: &str, opts: ServiceOpts) -> Service {
         let dir = TestDir::new("service");
         let mut args: Vec<String> = vec!["serve".into(), "--redis-url".into(), redis_url.into()];
@@ -105,25 +126,94 @@ impl Service {
         if let Some(ms) = opts.redis_timeout_ms {
             args.extend(["--redis-timeout-ms".into(), ms.to_string()]);
         }
+        if let Some(ups) = &opts.upstreams {
+            let file = dir.path().join("upstreams.json");
+            write_file(
+                &file,
+                serde_json::to_vec_pretty(ups).expect("serialize upstreams"),
+            );
+            args.extend(["--upstreams".into(), path_arg(&file)]);
+        }
+        if let Some(n) = opts.workers {
+            args.extend(["--workers".into(), n.to_string()]);
+        }
         args.extend(opts.extra_args.iter().cloned());
 
-        let (proc, addr) = start_with_retry("sluice serve", || {
+        let (proc, addr, queue_addr) = start_with_retry("sluice serve", || {
             let addr = crate::free_addr();
-            let mut cmd = sluice_command();
-            cmd.args(&args).arg("--listen").arg(addr.to_string());
-            let mut proc = ChildProc::spawn("sluice serve", cmd, &dir.path().join("service.log"));
-            match proc.wait_ready(READY_TIMEOUT, || http::answers_ok(addr, "/healthz")) {
-                Ok(()) => Ok((proc, addr)),
+            let queue_addr = opts.queue.then(crate::free_addr);
+            let mut proc = spawn_service(&dir, &args, addr, queue_addr);
+            match wait_service(&mut proc, addr, queue_addr) {
+                Ok(()) => Ok((proc, addr, queue_addr)),
                 Err(reason) => Err((proc, reason)),
             }
         });
         Service {
             proc,
             addr,
+            queue_addr,
             args,
             admin_token: opts.admin_token,
             dir,
         }
+    }
+
+    /// The queue listener's address (if started with `queue: true`).
+    pub fn queue_addr(&self) -> Option<SocketAddr> {
+        self.queue_addr
+    }
+
+    /// Kills the service with SIGKILL (no draining: a crash; requests in
+    /// flight are cut off) and reaps it.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Sends SIGTERM and waits (up to `timeout`) for the service to exit;
+    /// its exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.signal(libc::SIGTERM);
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(s) = self.proc.exit_status() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// [`Service::restart`] with `--workers n` instead of the old count.
+    pub fn restart_with_workers(&mut self, n: usize) {
+        if let Some(i) = self.args.iter().position(|a| a == "--workers") {
+            self.args.drain(i..=i + 1);
+        }
+        self.args.extend(["--workers".into(), n.to_string()]);
+        self.restart();
+    }
+
+    /// Starts the service again with the same arguments and ports (after
+    /// [`Service::kill`] or [`Service::terminate`]), so Envoy's clusters
+    /// still reach it.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        let mut last = None;
+        for _ in 0..50 {
+            let mut proc = spawn_service(&self.dir, &self.args, self.addr, self.queue_addr);
+            match wait_service(&mut proc, self.addr, self.queue_addr) {
+                Ok(()) => {
+                    self.proc = proc;
+                    return;
+                }
+                Err(reason) => {
+                    // The old sockets may linger a moment: try again.
+                    last = Some(format!("{reason:?}"));
+                    drop(proc);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        panic!("sluice serve did not restart on {}: {last:?}\n{}", self.addr, self.proc.log_report());
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -155,26 +245,6 @@ impl Service {
     /// The child process (to pause, signal or stop it).
     pub fn process(&mut self) -> &mut ChildProc {
         &mut self.proc
-    }
-
-    /// Kills the service with SIGKILL (requests in flight are cut off).
-    pub fn kill(&mut self) {
-        self.proc.kill();
-    }
-
-    /// Starts the service again with the same command line on the same
-    /// address (Envoy's cluster points there), after [`Service::kill`] or
-    /// on its own, and waits until `/healthz` answers.
-    pub fn restart(&mut self) {
-        self.proc.stop();
-        let mut cmd = sluice_command();
-        cmd.args(&self.args).arg("--listen").arg(self.addr.to_string());
-        let mut proc = ChildProc::spawn("sluice serve", cmd, &self.dir.path().join("service.log"));
-        let addr = self.addr;
-        if let Err(reason) = proc.wait_ready(READY_TIMEOUT, || http::answers_ok(addr, "/healthz")) {
-            proc.fail(&format!("sluice serve did not restart on {addr}: {reason:?}"));
-        }
-        self.proc = proc;
     }
 
     /// `GET path` on the service.
@@ -240,6 +310,25 @@ pub fn run_sluice(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("run {} {args:?}: {e}", sluice_bin().display()))
 }
 
+fn spawn_service(dir: &TestDir, args: &[String], addr: SocketAddr, queue_addr: Option<SocketAddr>) -> ChildProc {
+    let mut cmd = sluice_command();
+    cmd.args(args).arg("--listen").arg(addr.to_string());
+    if let Some(q) = queue_addr {
+        cmd.arg("--queue-listen").arg(q.to_string());
+    }
+    ChildProc::spawn("sluice serve", cmd, &dir.path().join("service.log"))
+}
+
+fn wait_service(
+    proc: &mut ChildProc,
+    addr: SocketAddr,
+    queue_addr: Option<SocketAddr>,
+) -> Result<(), crate::process::NotReady> {
+    proc.wait_ready(READY_TIMEOUT, || {
+        http::answers_ok(addr, "/healthz") && queue_addr.is_none_or(|q| http::answers_ok(q, "/healthz"))
+    })
+}
+
 fn sluice_command() -> Command {
     let mut cmd = Command::new(sluice_bin());
     for var in SLUICE_ENV {
@@ -263,11 +352,16 @@ impl DemoUpstream {
     /// Runs `$SLUICE_BIN demo-upstream --listen 127.0.0.1:<free>` and waits
     /// until it accepts connections.
     pub fn start() -> DemoUpstream {
+        DemoUpstream::start_with(&[])
+    }
+
+    /// [`DemoUpstream::start`] with extra flags (`--capacity N`, `--latency-ms N`).
+    pub fn start_with(extra: &[&str]) -> DemoUpstream {
         let dir = TestDir::new("upstream");
         let (proc, addr) = start_with_retry("sluice demo-upstream", || {
             let addr = crate::free_addr();
             let mut cmd = sluice_command();
-            cmd.args(["demo-upstream", "--listen", &addr.to_string()]);
+            cmd.args(["demo-upstream", "--listen", &addr.to_string()]).args(extra);
             let mut proc = ChildProc::spawn(
                 "sluice demo-upstream",
                 cmd,

@@ -322,3 +322,78 @@ fn the_compose_file_mounts_the_docker_config_and_builds_the_service_image() {
         "the Dockerfile must build the sluice-service package"
     );
 }
+
+fn routes_of(config: &Value) -> Vec<Value> {
+    config
+        .pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/routes")
+        .and_then(Value::as_array)
+        .cloned()
+        .expect("routes")
+}
+
+fn seconds(v: &Value) -> f64 {
+    v.as_str()
+        .and_then(|s| s.strip_suffix('s'))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a duration like \"65s\", got {v}"))
+}
+
+#[test]
+fn the_shipped_route_tables_send_x_sluice_queue_to_the_queue_cluster_before_anything_else() {
+    for file in ["envoy/envoy.yaml", "envoy/envoy.docker.yaml"] {
+        let config = load_yaml(&repo_root().join(file));
+        let routes = routes_of(&config);
+        let first = &routes[0];
+        assert_eq!(
+            first.pointer("/match/headers/0/name").and_then(Value::as_str),
+            Some(sluice_wire::QUEUE_HEADER),
+            "{file}: the first route must match the filter's queue header: {first}"
+        );
+        assert_eq!(first.pointer("/match/headers/0/present_match"), Some(&json!(true)), "{file}");
+        assert_eq!(first.pointer("/match/prefix"), Some(&json!("/")), "{file}: every path can overflow");
+        assert_eq!(first.pointer("/route/cluster").and_then(Value::as_str), Some(envoy::QUEUE_CLUSTER), "{file}");
+        // The default max wait (30 s) plus a dispatch (30 s) must fit.
+        let timeout = seconds(first.pointer("/route/timeout").expect("the queue route sets a timeout"));
+        assert!(timeout >= 60.0, "{file}: queue route timeout {timeout}s");
+        let results = routes
+            .iter()
+            .find(|r| r.pointer("/match/prefix") == Some(&json!("/v1/queue/requests/")))
+            .unwrap_or_else(|| panic!("{file}: no route for async results"));
+        assert_eq!(results.pointer("/route/cluster").and_then(Value::as_str), Some(envoy::QUEUE_CLUSTER));
+
+        let clusters = config.pointer("/static_resources/clusters").and_then(Value::as_array).expect("clusters");
+        let queue = clusters
+            .iter()
+            .find(|c| c["name"] == envoy::QUEUE_CLUSTER)
+            .unwrap_or_else(|| panic!("{file}: no cluster {}", envoy::QUEUE_CLUSTER));
+        assert!(
+            queue.to_string().contains("http2_protocol_options"),
+            "{file}: the queue cluster speaks h2c, so a client that leaves resets its stream"
+        );
+        let plugin = plugin_config_of(&config);
+        assert_eq!(plugin["queue_cluster"], envoy::QUEUE_CLUSTER, "{file}");
+        let exempt: Vec<&str> = plugin["exempt_paths"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+        assert!(exempt.contains(&"/v1/queue/requests/*"), "{file}: reading a result costs no quota");
+    }
+}
+
+#[test]
+fn the_shipped_upstreams_files_pass_check_config_and_name_every_policy_upstream() {
+    let plugin = plugin_config_of(&load_yaml(&repo_root().join("envoy/envoy.yaml")));
+    let wanted: Vec<String> = plugin["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["upstream"].as_str().map(str::to_string))
+        .collect();
+    assert!(!wanted.is_empty(), "the shipped config has a queued route");
+    for file in ["envoy/upstreams.json", "envoy/upstreams.docker.json"] {
+        let path = repo_root().join(file);
+        let out = sluice_tests::service::run_sluice(&["serve", "--check-config", "--upstreams", path.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{file}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        for up in &wanted {
+            assert!(text.contains(&format!("  {up}: http://")), "{file} must define upstream {up}:\n{text}");
+        }
+    }
+}

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 /// Default policy: fail-open. `/v1/llm/`: fail-closed (shipped config).
 const OPEN_PATH: &str = "/v1/models";
 const CLOSED_PATH: &str = "/v1/llm/complete";
+/// The service's bound on Redis calls in this suite.
+const REDIS_TIMEOUT_MS: u64 = 500;
 /// What a request may take while Redis is broken: the service's Redis
-/// timeout (250 ms) plus a margin for a loaded 2-core machine.
+/// timeout plus a margin for a loaded 2-core machine.
 const FAULT_BOUND: Duration = Duration::from_secs(3);
 /// How long the service may take to resume on its own.
 const RECOVERY_BOUND: Duration = Duration::from_secs(20);
@@ -38,7 +40,9 @@ impl Faulty {
         let redis = if persistent { Redis::start_persistent() } else { Redis::start() };
         let proxy = with_proxy.then(|| Proxy::start(redis.addr()));
         let url = proxy.as_ref().map_or_else(|| redis.url(), Proxy::redis_url);
-        let service = Service::start(&url, ServiceOpts::default());
+        // A Redis timeout well inside the callout timeout, so a broken Redis
+        // is the service's 503 (`non_200_status`), not a callout timeout.
+        let service = Service::start(&url, ServiceOpts { redis_timeout_ms: Some(REDIS_TIMEOUT_MS), ..ServiceOpts::default() });
         let upstream = DemoUpstream::start();
         let mut opts = EnvoyOpts::new(plugin_config(json!({"timeout_ms": 2000})), service.addr(), upstream.addr());
         opts.concurrency = 2;

@@ -232,8 +232,8 @@ fn the_wasmplugin_carries_the_policies_of_envoy_yaml() {
         .cloned()
         .expect("spec.pluginConfig");
     let mut local = plugin_config_of(&load_yaml(&repo_root().join("envoy/envoy.yaml")));
-    // Only the quota cluster's address differs between Envoy and Istio.
-    for key in ["quota_cluster", "quota_authority"] {
+    // Only the quota and queue clusters' names differ between Envoy and Istio.
+    for key in ["quota_cluster", "quota_authority", "queue_cluster"] {
         istio.as_object_mut().expect("object").remove(key);
         local.as_object_mut().expect("object").remove(key);
     }

@@ -119,26 +119,46 @@ fn the_admin_token_from_env_or_file_works_is_compared_401_403_and_is_never_logge
     }
 }
 
-/// Every route of every shipped Envoy config and the cluster it sends to.
-fn shipped_routes() -> Vec<(String, Value)> {
+const SHIPPED_CONFIGS: [&str; 3] = ["envoy.yaml", "envoy.docker.yaml", "reserved-capacity.yaml"];
+
+/// Every object of a config that has both keys `a` and `b`.
+fn objects_with(config: &Value, a: &str, b: &str) -> Vec<Value> {
     let mut out = Vec::new();
-    for f in ["envoy.yaml", "envoy.docker.yaml", "reserved-capacity.yaml"] {
-        let config = load_yaml(&repo_root().join("envoy").join(f));
-        let mut stack = vec![config];
-        while let Some(v) = stack.pop() {
-            match v {
-                Value::Object(o) => {
-                    if let (Some(m), Some(r)) = (o.get("match"), o.get("route")) {
-                        out.push((f.to_string(), json!({"match": m, "route": r})));
-                    }
-                    stack.extend(o.into_iter().map(|(_, v)| v));
+    let mut stack = vec![config.clone()];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(o) => {
+                if o.contains_key(a) && o.contains_key(b) {
+                    out.push(Value::Object(o.clone()));
                 }
-                Value::Array(a) => stack.extend(a),
-                _ => {}
+                stack.extend(o.into_iter().map(|(_, v)| v));
             }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
         }
     }
     out
+}
+
+/// Every route of every shipped Envoy config and the cluster it sends to.
+fn shipped_routes() -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for f in SHIPPED_CONFIGS {
+        let config = load_yaml(&repo_root().join("envoy").join(f));
+        for r in objects_with(&config, "match", "route") {
+            out.push((f.to_string(), json!({"match": r["match"], "route": r["route"]})));
+        }
+    }
+    out
+}
+
+/// The queue listener's routes: overflow the filter marked (the header
+/// only the filter sets, with a ticket the queue checks) and async reads.
+fn is_queue_route(r: &Value) -> bool {
+    let headers = r.pointer("/match/headers").and_then(Value::as_array).cloned().unwrap_or_default();
+    let marked = headers.iter().any(|h| h["name"] == "x-sluice-queue" && h["present_match"] == true);
+    let reads = r.pointer("/match/prefix").and_then(Value::as_str) == Some("/v1/queue/requests/") && headers.is_empty();
+    marked || reads
 }
 
 #[test]
@@ -147,7 +167,26 @@ fn no_shipped_envoy_route_leads_to_the_quota_service_and_admin_requests_through_
     assert!(routes.len() >= 8, "the configs were read: {routes:?}");
     for (file, r) in &routes {
         let cluster = r.pointer("/route/cluster").and_then(Value::as_str).unwrap_or_default();
+        if cluster == "sluice_queue" {
+            assert!(is_queue_route(r), "{file}: a route to the queue listener that is neither overflow nor async reads: {r}");
+            continue;
+        }
         assert!(!cluster.contains("quota") && !cluster.contains("sluice"), "{file}: a route to the quota service: {r}");
+    }
+    // The queue listener is its own port (it serves no check, usage or admin route).
+    for f in SHIPPED_CONFIGS {
+        let config = load_yaml(&repo_root().join("envoy").join(f));
+        let clusters = objects_with(&config, "name", "load_assignment");
+        let port = |name: &str| {
+            clusters
+                .iter()
+                .find(|c| c["name"] == name)
+                .and_then(|c| c.pointer("/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address").cloned())
+                .map(|a| (a["address"].clone(), a["port_value"].clone()))
+        };
+        if let (Some(queue), Some(quota)) = (port("sluice_queue"), port("sluice_quota")) {
+            assert_ne!(queue, quota, "{f}: the queue cluster must not be the quota service's port");
+        }
     }
 
     let s = Stack::start();
@@ -161,6 +200,8 @@ fn no_shipped_envoy_route_leads_to_the_quota_service_and_admin_requests_through_
         ("GET", "/v1/admin/tenants/victim", None),
         ("PUT", "/v1/admin/test-clock", Some(json!({"offset_ms": 86400000}))),
         ("GET", "/v1/check", None),
+        // Queue depths of every tenant: the service's, never a tenant's.
+        ("GET", "/v1/queue/stats", None),
     ] {
         let bytes = body.map(|b| serde_json::to_vec(&b).unwrap());
         let r = s.envoy.request(method, path, &[("x-tenant-id", "victim"), ("authorization", &token)], bytes.as_deref());

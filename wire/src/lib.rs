@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod reply;
+
 /// Path of the decision endpoint on the quota service.
 pub const CHECK_PATH: &str = "/v1/check";
 
@@ -44,20 +46,25 @@ pub fn is_valid_policy_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The calendar windows a quota can be counted over (UTC).
+/// The windows a limit can be counted over: the calendar windows (UTC) of
+/// the quotas, and `second`, the tier's short-term rate (a token bucket of
+/// `rate_per_s` requests per second), which only ever appears in a denial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Window {
+    Second,
     Hour,
     Day,
     Month,
 }
 
 impl Window {
+    /// The calendar windows: the ones quotas and route limits are counted in.
     pub const ALL: [Window; 3] = [Window::Hour, Window::Day, Window::Month];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Window::Second => "second",
             Window::Hour => "hour",
             Window::Day => "day",
             Window::Month => "month",
@@ -68,6 +75,7 @@ impl Window {
     /// `RateLimit-Policy` (a calendar month is advertised as 30 days).
     pub fn nominal_secs(self) -> u64 {
         match self {
+            Window::Second => 1,
             Window::Hour => 3_600,
             Window::Day => 86_400,
             Window::Month => 2_592_000,
@@ -114,7 +122,76 @@ pub struct CheckRequest {
     /// `shadow_denied` when it would have been denied).
     #[serde(default, skip_serializing_if = "is_false")]
     pub shadow: bool,
+    /// The upstream (a name in the service's upstreams file) whose capacity
+    /// this route spends. Absent: no capacity limit, quotas only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Whether the filter can forward overflow to the queue (its queue
+    /// cluster exists). When false, overflow is answered 429
+    /// `capacity_exceeded` instead of a queue ticket.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub can_queue: bool,
+    /// What a request over its hour/day/month quota gets on this route.
+    #[serde(default, skip_serializing_if = "OnQuotaExceeded::is_reject")]
+    pub on_quota_exceeded: OnQuotaExceeded,
+    /// The route's max wait in the queue; absent: the upstream's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wait_ms: Option<u64>,
 }
+
+/// What a route does with a request over its hour/day/month quota.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnQuotaExceeded {
+    /// 429 `quota_exceeded` (the default).
+    #[default]
+    Reject,
+    /// Queue it until the binding window resets, if that is within the
+    /// route's max wait; otherwise 429 as with `reject`.
+    Queue,
+}
+
+impl OnQuotaExceeded {
+    pub fn is_reject(&self) -> bool {
+        *self == OnQuotaExceeded::Reject
+    }
+}
+
+/// Why a check did not admit a request directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// An hour/day/month window (tier, route or tokens) or the storage quota
+    /// is exhausted: 429 `quota_exceeded` (or the storage answer).
+    Quota,
+    /// The tier's short-term rate (window `second`): 429 `rate_limited`.
+    Rate,
+    /// The upstream is at capacity and this tenant over its fair share:
+    /// forward to the queue with the ticket in [`CheckResponse::queue`].
+    Queued,
+    /// Overflow, but the filter has no queue: 429 `capacity_exceeded`.
+    Capacity,
+    /// The tenant's queue is at its depth bound: 429 `queue_full`.
+    QueueFull,
+    /// The upstream's whole queue is at its bound: 503 `system_overloaded`.
+    SystemOverloaded,
+}
+
+/// Where an overflowed request goes: the filter adds these as internal
+/// headers and Envoy's route table sends the request to the queue cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueTicket {
+    pub upstream: String,
+    /// One-time ticket (32 hex digits) the queue service consumes on
+    /// enqueue: only requests the quota service sent there are accepted.
+    pub ticket: String,
+}
+
+/// Internal request header naming the upstream of an overflowed request;
+/// the queue route of the Envoy route table matches on it.
+pub const QUEUE_HEADER: &str = "x-sluice-queue";
+/// Internal request header carrying the [`QueueTicket::ticket`].
+pub const TICKET_HEADER: &str = "x-sluice-ticket";
 
 fn one() -> u64 {
     1
@@ -192,6 +269,12 @@ pub struct CheckResponse {
     /// filter sets [`POOL_HEADER`] to it); absent for the shared capacity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_pool: Option<String>,
+    /// When not allowed: why (absent from older services: `quota`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// When `reason` is `queued`: where to forward the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueTicket>,
 }
 
 /// Request header the filter sets to the reserved pool of an admitted
