@@ -72,7 +72,7 @@ test: deps build
 # The fault suite (tests/tests/faults_*.rs, cargo feature `faults`): real
 # processes killed, frozen and black-holed under load. One test at a time:
 # each kills and restarts components and counts at the demo upstream.
-FAULT_TESTS := faults_redis faults_service faults_envoy
+FAULT_TESTS := faults_redis faults_service faults_envoy faults_queue
 test-faults: deps build
 	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(SLUICE_BIN) ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
 	  $(CARGO) test -p sluice-tests --features faults $(addprefix --test ,$(FAULT_TESTS)) -- --test-threads=1
