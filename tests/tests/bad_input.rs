@@ -329,3 +329,69 @@ fn callout_answers_that_are_huge_empty_invalid_utf8_or_wrongly_typed_take_the_fa
     assert_vm_alive(&envoy);
     drop((service, redis));
 }
+
+/// The queue's endpoints answer bad input with a JSON 4xx naming what was
+/// wrong: malformed, oversized and foreign status ids (all the same 404, so
+/// existence is never revealed), wrong methods, missing or invalid tenants,
+/// forged intake headers, and absurd `?tenants=` on the stats route.
+#[test]
+fn queue_endpoints_answer_malformed_ids_methods_tenants_and_queries_with_a_json_4xx() {
+    let redis = Redis::start();
+    let upstream = DemoUpstream::start();
+    let gpu = json!({"url": format!("http://{}", upstream.addr()), "rate": 1, "burst": 1});
+    let service = Service::start(
+        &redis.url(),
+        ServiceOpts { upstreams: Some(json!({"upstreams": {"gpu": gpu}})), queue: true, workers: Some(0), ..ServiceOpts::default() },
+    );
+    let mut eo = EnvoyOpts::new(plugin_config(json!({"timeout_ms": 2000})), service.addr(), upstream.addr());
+    eo.queue_addr = service.queue_addr();
+    let envoy = Envoy::start(eo);
+    let queue = service.queue_addr().unwrap();
+    let call = |addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]| {
+        let r = http::request(addr, method, path, headers, None, Duration::from_secs(10)).unwrap();
+        let body = r.json();
+        assert!(body["error"].is_string() && body["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {}", r.text());
+        assert!(r.status >= 400 && r.status < 500, "{method} {path}: {} {}", r.status, r.text());
+        (r.status, body["error"].as_str().unwrap().to_string(), r.text())
+    };
+    let tenant = [("x-tenant-id", "reader")];
+
+    let unknown = call(queue, "GET", &format!("/v1/queue/requests/{}", "0".repeat(32)), &tenant);
+    assert_eq!((unknown.0, unknown.1.as_str()), (404, "not_found"));
+    let long = "a".repeat(8000);
+    let pct = "%30".repeat(32);
+    for id in ["zz", &"0".repeat(31), &"0".repeat(33), &"g".repeat(32), &pct, "..%2F..%2Fv1%2Fadmin%2Ftiers", "%00", &long, ""] {
+        for addr in [queue, envoy.listener_addr()] {
+            let r = call(addr, "GET", &format!("/v1/queue/requests/{id}"), &tenant);
+            assert_eq!(r.2, unknown.2, "{id:.40}: the same 404 as an unknown id");
+        }
+    }
+    for method in ["POST", "PUT", "DELETE"] {
+        let r = call(queue, method, &format!("/v1/queue/requests/{}", "0".repeat(32)), &tenant);
+        assert_eq!((r.0, r.1.as_str()), (405, "method_not_allowed"), "{method}");
+    }
+    let id = format!("/v1/queue/requests/{}", "0".repeat(32));
+    for addr in [queue, envoy.listener_addr()] {
+        assert_eq!(call(addr, "GET", &id, &[]).1, "missing_tenant");
+        assert_eq!(call(addr, "GET", &id, &[("x-tenant-id", " ")]).1, "missing_tenant");
+        assert_eq!(call(addr, "GET", &id, &[("x-tenant-id", "a"), ("x-tenant-id", "b")]).1, "missing_tenant");
+        for bad in ["a b", "{x}", "a/b", &"t".repeat(129)] {
+            let r = call(addr, "GET", &id, &[("x-tenant-id", bad)]);
+            assert_eq!((r.0, r.1.as_str()), (400, "invalid_tenant"), "{bad:.20}");
+        }
+    }
+    assert_eq!(call(queue, "GET", "/nope", &tenant).1, "not_found");
+    // Intake headers that did not come from the filter (around Envoy).
+    for (upstream_name, ticket) in [("nope", "0123456789abcdef0123456789abcdef"), ("gpu", "short"), ("gpu", ""), ("gpu", &"0".repeat(32))] {
+        let r = call(queue, "GET", "/v1/gpu/run", &[("x-tenant-id", "forger"), ("x-sluice-queue", upstream_name), ("x-sluice-ticket", ticket)]);
+        assert_eq!((r.0, r.1.as_str()), (403, "invalid_ticket"), "{upstream_name} {ticket}");
+    }
+    for q in ["-1", "18446744073709551616", "1e3", "", "abc", "100000", "1.5"] {
+        let r = call(service.addr(), "GET", &format!("/v1/queue/stats?tenants={q}"), &[]);
+        assert_eq!((r.0, r.1.as_str()), (400, "invalid_request"), "tenants={q}: {}", r.2);
+    }
+    let stats = service.get("/v1/queue/stats").json();
+    assert_eq!(stats["upstreams"]["gpu"]["depth"], 0, "nothing was queued: {stats}");
+    assert_eq!(admitted(&upstream, "forger"), 0);
+    assert_vm_alive(&envoy);
+}

@@ -271,3 +271,78 @@ fn oversized_bodies_get_413_json_on_every_service_route_and_nothing_is_counted()
     let keys = keys_and_ttls(&redis);
     assert!(keys.iter().all(|(k, _)| !k.contains("{t:big}")), "{keys:?}");
 }
+
+/// The queue stack: the `gpu` upstream (1 request/s, burst 1, queued
+/// bodies capped at 1 KiB), the queue listener, one worker.
+fn queue_stack() -> (Redis, DemoUpstream, Service, Envoy) {
+    let redis = Redis::start();
+    let upstream = DemoUpstream::start();
+    let gpu = json!({"url": format!("http://{}", upstream.addr()), "rate": 1, "burst": 1, "debt": 0, "max_body_bytes": 1024});
+    let service = Service::start(
+        &redis.url(),
+        ServiceOpts { upstreams: Some(json!({"upstreams": {"gpu": gpu}})), queue: true, workers: Some(1), ..ServiceOpts::default() },
+    );
+    let mut eo = EnvoyOpts::new(plugin_config(json!({"timeout_ms": 2000})), service.addr(), upstream.addr());
+    eo.queue_addr = service.queue_addr();
+    let envoy = Envoy::start(eo);
+    (redis, upstream, service, envoy)
+}
+
+fn hour_used(service: &Service, tenant: &str) -> u64 {
+    let v = service.admin("GET", &format!("/v1/admin/tenants/{tenant}"), None).json();
+    v["windows"].as_array().unwrap().iter().find(|w| w["window"] == "hour").unwrap()["current"].as_u64().unwrap()
+}
+
+#[test]
+fn a_forged_queue_routing_header_on_a_queue_route_skips_no_quota_and_queued_bodies_are_capped_with_413_json() {
+    let (_redis, upstream, service, envoy) = queue_stack();
+    let forged = |tenant: &'static str| {
+        vec![("x-tenant-id", tenant), ("x-sluice-queue", "gpu"), ("x-sluice-ticket", "0123456789abcdef0123456789abcdef"), ("prefer", "respond-async")]
+    };
+    let depth = || service.get("/v1/queue/stats").json()["upstreams"]["gpu"]["depth"].as_u64().unwrap();
+
+    // A suspended tenant (hour limit 0) can not reach the queue by naming it.
+    let r = service.admin("PUT", "/v1/admin/tenants/suspended/limits", Some(&json!({"hour": 0})));
+    assert_eq!(r.status, 200);
+    for _ in 0..3 {
+        let r = envoy.request("GET", "/v1/gpu/run", &forged("suspended"), None);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.json()["error"], "quota_exceeded");
+    }
+    assert_eq!(depth(), 0, "nothing was queued");
+    assert_eq!(admitted(&upstream, "suspended"), 0);
+
+    // A tenant with quota: the forged headers are stripped, the request is
+    // checked and charged like any other (here: capacity left, so direct).
+    let r = envoy.request("GET", "/v1/gpu/run", &forged("payer"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("x-sluice-request-id").is_none(), "it did not go through the queue");
+    assert!(!r.json()["header_names"].to_string().contains("x-sluice"), "{}", r.json()["header_names"]);
+    assert_eq!(hour_used(&service, "payer"), 1);
+
+    // Overflow with a body above the upstream's max_body_bytes: 413 JSON from
+    // the queue, nothing queued, sent or charged.
+    // (The bucket refills 1/s: on a slow machine a request may find capacity
+    // and go directly; the next one overflows.)
+    let big = vec![b'x'; 4096];
+    let mut direct = 0;
+    let r = loop {
+        let r = envoy.request("POST", "/v1/gpu/run", &[("x-tenant-id", "payer"), ("prefer", "respond-async")], Some(&big));
+        if r.status == 200 && direct < 5 {
+            direct += 1;
+            continue;
+        }
+        break r;
+    };
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "payload_too_large");
+    assert!(r.json()["message"].as_str().unwrap().contains("1024"), "{}", r.text());
+    assert_eq!(depth(), 0);
+    assert_eq!(admitted(&upstream, "payer"), 1 + direct);
+    assert_eq!(hour_used(&service, "payer"), 1 + direct, "a refused queued request is not charged");
+    assert!(
+        sluice_tests::PromMetrics::parse(&service.metrics())
+            .get("sluice_queue_rejections_total", &[("upstream", "gpu"), ("reason", "payload_too_large")])
+            == Some(1.0)
+    );
+}
