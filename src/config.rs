@@ -627,6 +627,49 @@ mod tests {
     }
 
     #[test]
+    fn every_numeric_field_rejects_absurd_numbers_and_wrong_types_naming_the_field() {
+        // (field path, JSON with the value spliced in at {v}, whether 0 is valid)
+        let base = r#"{"quota_cluster":"q",X}"#;
+        let rules = r#""policies":[{"name":"c","cost_rules":{"charge_units":true,"reserve_tokens":true,X}}]"#;
+        let cases: Vec<(&str, String, bool)> = vec![
+            ("timeout_ms", base.replace('X', r#""timeout_ms":{v}"#), false),
+            ("unavailable_retry_after_s", base.replace('X', r#""unavailable_retry_after_s":{v}"#), false),
+            ("default_policy.cost", base.replace('X', r#""default_policy":{"cost":{v}}"#), false),
+            ("policies[0].cost", base.replace('X', r#""policies":[{"name":"a","cost":{v}}]"#), false),
+            ("policies[0].limits.hour", base.replace('X', r#""policies":[{"name":"a","limits":{"hour":{v}}}]"#), true),
+            ("policies[0].limits.month", base.replace('X', r#""policies":[{"name":"a","limits":{"month":{v}}}]"#), true),
+            ("policies[0].max_wait_ms", base.replace('X', r#""policies":[{"name":"a","upstream":"gpu","max_wait_ms":{v}}]"#), false),
+            ("policies[0].cost_rules.tokens_per_unit", base.replace('X', &rules.replace('X', r#""tokens_per_unit":{v}"#)), false),
+            ("policies[0].cost_rules.default_max_tokens", base.replace('X', &rules.replace('X', r#""default_max_tokens":{v}"#)), true),
+            ("policies[0].cost_rules.max_tokens_limit", base.replace('X', &rules.replace('X', r#""max_tokens_limit":{v}"#)), false),
+            ("policies[0].cost_rules.max_body_bytes", base.replace('X', &rules.replace('X', r#""max_body_bytes":{v}"#)), false),
+            ("policies[0].cost_rules.fallback_units", base.replace('X', &rules.replace('X', r#""fallback_units":{v}"#)), false),
+            ("policies[0].cost_rules.fallback_tokens", base.replace('X', &rules.replace('X', r#""fallback_tokens":{v}"#)), false),
+            ("policies[0].cost_rules.unknown_model_multiplier", base.replace('X', &rules.replace('X', r#""unknown_model_multiplier":{v}"#)), false),
+            ("policies[0].cost_rules.model_multipliers", base.replace('X', &rules.replace('X', r#""model_multipliers":{"gpt-x":{v}}"#)), false),
+            ("policies[0].cost_rules.feature_multipliers", base.replace('X', &rules.replace('X', r#""feature_multipliers":{"tools":{v}}"#)), false),
+        ];
+        let absurd = ["-1", "18446744073709551616", "1e308", "-1e308", "\"NaN\"", "\"1\"", "true", "null", "[]", "{}", "1e-9", "1.0001"];
+        for (field, template, zero_ok) in &cases {
+            let zero = if *zero_ok { None } else { Some("0") };
+            for v in absurd.iter().copied().chain(zero) {
+                let text = template.replace("{v}", v);
+                // `null` means "absent" for optional fields: the default applies.
+                if v == "null" {
+                    let _ = compile(text.as_bytes());
+                    continue;
+                }
+                let e = match compile(text.as_bytes()) {
+                    Err(e) => e,
+                    // Multipliers may be fractional (3 decimals): 1.0001 is not.
+                    Ok(_) => panic!("{field} = {v} was accepted: {text}"),
+                };
+                assert!(e.field.starts_with(field), "{field} = {v}: the error names {:?}: {e}", e.field);
+            }
+        }
+    }
+
+    #[test]
     fn shadow_and_latency_reports_are_inherited_by_policies_unless_they_say_otherwise() {
         let c = compile(
             br#"{"quota_cluster":"q","shadow":true,"report_latency":true,"shadow_headers":true,

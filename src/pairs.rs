@@ -35,8 +35,8 @@ fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([*b.first()?, *b.get(1)?, *b.get(2)?, *b.get(3)?]))
 }
 
-/// Encodes pairs in the same format (for local replies). Lengths beyond
-/// u32 (never seen in headers) are clamped rather than wrapped.
+/// The inverse of [`decode`]: local replies, tests and the fuzz targets use
+/// it. Lengths beyond u32 (never seen in headers) are clamped rather than wrapped.
 pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
     let mut out = len(pairs.len()).to_vec();

@@ -27,6 +27,7 @@ use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
+use sha2::{Digest, Sha256};
 
 use crate::audit::{self, Change, Filter, Identity};
 use crate::config::{self, Tier, Tiers, LIMITS, MAX_LIMIT, MAX_TEST_OFFSET_MS};
@@ -101,11 +102,15 @@ async fn authorize(
         .map_err(|_| unauthorized("malformed Authorization header"))?;
     let token = bearer_token(presented)
         .ok_or_else(|| unauthorized("expected Authorization: Bearer <token>"))?;
-    // Compare against every token without stopping early; ct_eq on slices is
-    // constant-time for equal lengths, so only lengths can leak.
+    // Compare SHA-256 digests, in constant time, against every token
+    // without stopping early: neither a token's bytes nor its length can be
+    // learnt from the answer's timing (ct_eq on raw slices of different
+    // lengths returns at once).
+    let presented_digest = Sha256::digest(token.as_bytes());
     let mut matched: Option<&str> = None;
     for t in &state.config.admin_tokens {
-        if bool::from(token.as_bytes().ct_eq(t.token.expose().as_bytes())) {
+        let digest = Sha256::digest(t.token.expose().as_bytes());
+        if bool::from(presented_digest.as_slice().ct_eq(digest.as_slice())) {
             matched = Some(t.name.as_str());
         }
     }
@@ -666,7 +671,7 @@ async fn set_tier(
 
 /// `{"hour":5000,"day":null}`: a number sets, null clears, an absent limit
 /// is left alone. Names come from [`LIMITS`].
-fn limit_changes(body: &Map<String, Value>) -> Result<Vec<(String, Option<u64>)>, ApiError> {
+pub fn limit_changes(body: &Map<String, Value>) -> Result<Vec<(String, Option<u64>)>, ApiError> {
     if body.is_empty() {
         return Err(ApiError::invalid_request(format!(
             "set at least one of {}",

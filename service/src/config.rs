@@ -27,6 +27,12 @@ pub const MAX_COST: u64 = 1_000_000;
 /// reservation stands.
 pub const RESERVATION_TTL_S: u64 = 3_600;
 
+/// How long a settled reservation is kept (seconds): a replayed report
+/// within it answers `duplicate`, after it `unknown`; neither changes
+/// anything. Keeping settled records for the full hour made Redis hold one
+/// hash per token request of the last hour (found by `make soak`).
+pub const SETTLED_TTL_S: u64 = 120;
+
 /// Most route windows one check may carry; bounds the work of one script run.
 pub const MAX_ROUTE_LIMITS: usize = 8;
 

@@ -240,6 +240,8 @@ async fn reset_handler(State(demo): State<Demo>) -> Json<Value> {
     Json(json!({"status": "reset"}))
 }
 
+/// Always takes the body (unread, hyper would close the keep-alive
+/// connection under a large one and Envoy's next request on it would fail).
 async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Json<Value> {
     let mut v = json!({
         "method": method.as_str(),

@@ -243,8 +243,30 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// The whole service router.
+/// The whole service router: the data plane and the admin API on one port.
 pub fn router(state: Shared) -> Router {
+    finish(
+        data_routes().nest("/v1/admin", crate::admin::router(state.clone())),
+        state,
+    )
+}
+
+/// With `--admin-listen`: the data plane (check, usage, report, health,
+/// metrics) without the admin API, and the admin API (plus `/healthz`) for
+/// its own listener, so the port Envoy reaches can not serve `/v1/admin`
+/// at all and the admin port can be firewalled on its own.
+pub fn split_routers(state: Shared) -> (Router, Router) {
+    let data = finish(data_routes(), state.clone());
+    let admin = finish(
+        Router::new()
+            .route("/healthz", get(healthz))
+            .nest("/v1/admin", crate::admin::router(state.clone())),
+        state,
+    );
+    (data, admin)
+}
+
+fn data_routes() -> Router<Shared> {
     Router::new()
         .route(sluice_wire::CHECK_PATH, post(check))
         .route(sluice_wire::USAGE_PATH, post(usage))
@@ -254,7 +276,11 @@ pub fn router(state: Shared) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/queue/stats", get(queue_stats))
-        .nest("/v1/admin", crate::admin::router(state.clone()))
+}
+
+/// JSON fallbacks and the body cap (413 `payload_too_large`) on every route.
+fn finish(routes: Router<Shared>, state: Shared) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -22,7 +22,7 @@
 //! - [`queue`]: the queue listener, the workers and their events.
 //! - [`ids`]: unguessable request ids and tickets.
 //!
-//! The binary `sluice` only parses flags and calls [`run_with_queue`] or
+//! The binary `sluice` only parses flags and calls [`run_listeners`] or
 //! [`demo::run_demo_upstream`]; tests call them directly on port 0.
 
 pub mod admin;
@@ -109,21 +109,69 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    run_with_queue(listener, None, config, shutdown).await
+    run_listeners(Listeners::data(listener), config, shutdown).await
 }
 
-/// [`run`], plus the queue listener on `queue_listener` (HTTP/1.1 and h2c)
-/// and `config.workers` workers per upstream. On `shutdown` workers stop
-/// taking work and finish or put back their in-flight dispatch, waiters
-/// whose request is still queued answer 503, and both listeners drain.
+/// [`run`], plus the queue listener on `queue_listener` (HTTP/1.1 and h2c).
 pub async fn run_with_queue(
     listener: TcpListener,
     queue_listener: Option<TcpListener>,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    let listeners = Listeners {
+        queue: queue_listener,
+        ..Listeners::data(listener)
+    };
+    run_listeners(listeners, config, shutdown).await
+}
+
+/// The listeners one service process serves.
+pub struct Listeners {
+    /// Check, usage, report, health, metrics, queue stats; the admin API too
+    /// unless `admin` is given.
+    pub data: TcpListener,
+    /// `--admin-listen`: the admin API only here; `data` then answers
+    /// `/v1/admin/...` with 404.
+    pub admin: Option<TcpListener>,
+    /// `--queue-listen`: the queue intake (the Envoy queue cluster).
+    pub queue: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Only the data listener (admin API on it, no queue intake).
+    pub fn data(data: TcpListener) -> Self {
+        Listeners {
+            data,
+            admin: None,
+            queue: None,
+        }
+    }
+}
+
+/// Serves every listener in `listeners` and runs `config.workers` queue
+/// workers per upstream. On `shutdown` workers stop taking work and finish
+/// or put back their in-flight dispatch, waiters whose request is still
+/// queued answer 503, and every listener drains.
+pub async fn run_listeners(
+    listeners: Listeners,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let Listeners {
+        data: listener,
+        admin: admin_listener,
+        queue: queue_listener,
+    } = listeners;
     tracing::info!(config = ?config, "starting sluice service");
     let (router, state) = app(config)?;
+    let (router, admin) = match admin_listener {
+        Some(l) => {
+            let (data, admin) = http::split_routers(state.clone());
+            (data, Some((l, admin)))
+        }
+        None => (router, None),
+    };
     let store = state.store.clone();
     tokio::spawn(async move {
         if let Err(e) = store.load_scripts().await {
@@ -131,31 +179,37 @@ pub async fn run_with_queue(
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let queue = queue::Queue::new(state.clone(), stop_rx.clone());
     let background = queue.spawn_background();
     let queue_server = queue_listener.map(|l| {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, "queue listener");
         }
-        let mut stop = stop_rx.clone();
         let q = queue::intake::router(queue.clone());
+        let rx = stop_rx.clone();
         tokio::spawn(async move {
             axum::serve(l.tap_io(no_delay), q)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
+                .with_graceful_shutdown(stopped(rx))
                 .await
         })
+    });
+    let admin_server = admin.map(|(l, r)| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "admin API listening (only here)");
+        }
+        let rx = stop_rx.clone();
+        tokio::spawn(async move { axum::serve(l, r).with_graceful_shutdown(stopped(rx)).await })
     });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "quota service listening");
     }
-    let mut stop = stop_rx.clone();
+    let rx = stop_rx.clone();
     let main = tokio::spawn(async move {
         axum::serve(listener.tap_io(no_delay), router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            .with_graceful_shutdown(stopped(rx))
             .await
     });
     shutdown.await;
@@ -164,9 +218,10 @@ pub async fn run_with_queue(
     for t in background {
         let _ = t.await;
     }
-    if let Some(q) = queue_server {
-        if let Ok(Err(e)) = q.await {
-            return Err(RunError::Io(e));
+    for server in [queue_server, admin_server].into_iter().flatten() {
+        match server.await {
+            Ok(r) => r.map_err(RunError::Io)?,
+            Err(e) => tracing::warn!("listener task failed: {e}"),
         }
     }
     match main.await {

@@ -36,6 +36,10 @@ struct ServeArgs {
     /// Address to listen on (HTTP/1.1 and h2c on the same port).
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
+    /// Serve the admin API only on this address (the --listen port then
+    /// answers 404 under /v1/admin) [default: the admin API is on --listen].
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Redis URL.
     #[arg(
         long,
@@ -264,8 +268,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         let queue = args.queue_listen.map_or("none".to_string(), |a| a.to_string());
         let _ = write!(
             out,
-            "configuration OK\nlisten:           {}\nqueue-listen:     {queue}\n{}",
+            "configuration OK\nlisten:           {}\nadmin listen:     {}\nqueue-listen:     {queue}\n{}",
             args.listen,
+            args.admin_listen.map_or_else(|| "same as listen".to_string(), |a| a.to_string()),
             config.summary()
         );
         let _ = out.flush();
@@ -279,6 +284,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let admin_listener = match args.admin_listen {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("sluice: cannot listen on {addr} (--admin-listen): {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let queue_listener = match args.queue_listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => Some(l),
@@ -289,8 +304,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         },
         None => None,
     };
+    let listeners = sluice_service::Listeners {
+        data: listener,
+        admin: admin_listener,
+        queue: queue_listener,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = sluice_service::run_with_queue(listener, queue_listener, config, async move {
+    let server = sluice_service::run_listeners(listeners, config, async move {
         let _ = rx.await;
     });
     serve_with_trigger(server, tx).await

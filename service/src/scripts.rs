@@ -760,6 +760,7 @@ return first
 /// ARGV[3]  1 if the response completed, 0 if it was cut off (then the
 ///          tenant is charged at least the reservation)
 /// ARGV[4]  token counter prefix sluice:{t:<tenant>}:k:
+/// ARGV[5]  seconds a settled reservation is kept (config::SETTLED_TTL_S)
 /// returns  {status, reserved, charged}; status is 'settled' (applied now),
 ///          'duplicate' (settled before: nothing changes) or 'unknown'
 ///          (no such reservation, e.g. expired: nothing changes).
@@ -818,6 +819,10 @@ if r.u and delta ~= 0 and redis.call('EXISTS', r.u) == 1 then
   if change ~= 0 then redis.call('HINCRBY', r.u, 'tokens', change) end
 end
 redis.call('HSET', KEYS[1], 'state', 'settled', 'charged', charge)
+-- Settled: only kept to answer a replay with 'duplicate' (after it, a
+-- replay is 'unknown': it changes nothing either way). Never lengthened.
+local ttl = tonumber(ARGV[5]) or 0
+if ttl > 0 and redis.call('TTL', KEYS[1]) > ttl then redis.call('EXPIRE', KEYS[1], ttl) end
 return {'settled', reserved, charge}
 "#
 );

@@ -1,13 +1,17 @@
 //! The Redis adapter: the only module that talks to Redis.
 //!
 //! One multiplexed connection (redis-rs `ConnectionManager`) is shared by all
-//! requests and reconnects by itself after Redis restarts. With
-//! `--redis-cluster` it is a redis-rs cluster connection instead (one
-//! multiplexed connection per primary, commands routed by their first key's
-//! slot, MOVED/ASK followed); [`Conn`] hides which, so nothing else here
-//! knows. Every script names one key of one tenant in KEYS and builds its
-//! other keys from prefixes with the same hash tag, so it runs on the node
-//! owning that tenant's slot and never meets CROSSSLOT. Every call is
+//! requests and reconnects by itself after Redis restarts. A connection
+//! that stops answering without closing (a black-holed network path: the
+//! manager only reconnects on errors, never on timeouts) is replaced by
+//! [`Healing`] on the first timeout, so the service recovers by itself once
+//! the path works again. With `--redis-cluster` it is a redis-rs cluster
+//! connection instead (one multiplexed connection per primary, commands
+//! routed by their first key's slot, MOVED/ASK followed); [`Conn`] hides
+//! which, so nothing else here knows. Every script names one key of one
+//! tenant in KEYS and builds its other keys from prefixes with the same hash
+//! tag, so it runs on the node owning that tenant's slot and never meets
+//! CROSSSLOT. Every call is
 //! bounded by `--redis-timeout-ms` on top of the client's own timeouts, so a
 //! black-holed Redis yields a fast error instead of a hung request. Scripts go
 //! out as EVALSHA and are re-loaded by redis-rs when Redis answers NOSCRIPT
@@ -16,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::HistogramVec;
@@ -27,7 +32,7 @@ use sluice_wire::Window;
 
 use sluice_wire::{StorageState, UsageAnswer};
 
-use crate::config::{ServeConfig, LIMITS, RESERVATION_TTL_S};
+use crate::config::{ServeConfig, LIMITS, RESERVATION_TTL_S, SETTLED_TTL_S};
 use crate::decision::{
     RowKind, ScriptDecision, ValidCheck, ValidReturn, ValidUsage, Verdict, WindowRow,
 };
@@ -111,6 +116,97 @@ pub struct TenantStatus {
 /// One audit entry as stored: its stream id and its fields.
 pub type AuditRecord = (String, Vec<(String, String)>);
 
+/// The shared connection, replaced with a fresh (lazily connecting) one
+/// when a call on it times out and no call has succeeded on it for
+/// `min_age`: a dead path, not a busy Redis (under load some calls time out
+/// while others succeed, and replacing would only add handshakes). Calls
+/// already in flight keep the connection they started on; new calls take
+/// the current one. Without this, a connection whose path was cut (no RST,
+/// no FIN) would be used forever: every call would time out even after the
+/// network healed (fault test `redis_black_holed_by_the_network_...`).
+#[derive(Clone)]
+pub struct Healing {
+    current: Arc<Mutex<Slot>>,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    min_age: Duration,
+}
+
+struct Slot {
+    conn: ConnectionManager,
+    /// When `conn` was created, or last answered a call.
+    last_ok: Instant,
+}
+
+impl Healing {
+    fn new(client: redis::Client, config: ConnectionManagerConfig, min_age: Duration) -> Result<Healing, StoreError> {
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Healing {
+            current: Arc::new(Mutex::new(Slot { conn, last_ok: Instant::now() })),
+            client,
+            config,
+            min_age,
+        })
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn current(&self) -> ConnectionManager {
+        self.slot().conn.clone()
+    }
+
+    /// A call answered (with a reply or a Redis error): the path works.
+    pub fn answered(&self) {
+        self.slot().last_ok = Instant::now();
+    }
+
+    /// A call timed out: replace the connection if nothing has answered on
+    /// it (or since it was created) for `min_age`.
+    pub fn replace_stale(&self) {
+        let mut g = self.slot();
+        if g.last_ok.elapsed() < self.min_age {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                *g = Slot { conn: fresh, last_ok: Instant::now() };
+                tracing::warn!("redis calls time out and none answered for {:?}: replaced the connection", self.min_age);
+            }
+            Err(e) => tracing::warn!("could not replace the redis connection: {e}"),
+        }
+    }
+}
+
+impl ConnectionLike for Healing {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let mut conn = self.current();
+        Box::pin(async move {
+            let r = conn.req_packed_command(cmd).await;
+            if r.as_ref().is_err_and(redis::RedisError::is_timeout) {
+                self.replace_stale();
+            }
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        let mut conn = self.current();
+        Box::pin(async move {
+            let r = conn.req_packed_commands(pipeline, offset, count).await;
+            if r.as_ref().is_err_and(redis::RedisError::is_timeout) {
+                self.replace_stale();
+            }
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().get_db()
+    }
+}
+
 /// The queue scripts, loaded together.
 #[derive(Clone)]
 struct QueueScripts {
@@ -146,8 +242,25 @@ impl Mode {
 /// by themselves.
 #[derive(Clone)]
 pub enum Conn {
-    Single(ConnectionManager),
+    Single(Healing),
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// A call answered: see [`Healing::answered`]. The cluster connection
+    /// keeps its own per-node connections and reconnects them on errors.
+    fn answered(&self) {
+        if let Conn::Single(h) = self {
+            h.answered();
+        }
+    }
+
+    /// A call timed out: see [`Healing::replace_stale`].
+    fn replace_stale(&self) {
+        if let Conn::Single(h) = self {
+            h.replace_stale();
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -353,7 +466,7 @@ impl Store {
         })
     }
 
-    fn single(config: &ServeConfig, client: redis::Client) -> Result<ConnectionManager, StoreError> {
+    fn single(config: &ServeConfig, client: redis::Client) -> Result<Healing, StoreError> {
         let mgr_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.redis_timeout))
             .set_connection_timeout(Some(config.redis_timeout))
@@ -363,7 +476,8 @@ impl Store {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        Ok(ConnectionManager::new_lazy_with_config(client, mgr_config)?)
+        let min_age = config.redis_timeout.max(Duration::from_millis(200));
+        Healing::new(client, mgr_config, min_age)
     }
 
     /// Observes every Redis call's duration in `hist` (label `op`).
@@ -379,8 +493,21 @@ impl Store {
     ) -> Result<T, StoreError> {
         let started = Instant::now();
         let result = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(result) => result.map_err(StoreError::Redis),
-            Err(_) => Err(StoreError::Timeout),
+            Ok(Ok(v)) => {
+                self.conn.answered();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                // A reply from Redis (an error one) also proves the path works.
+                if !(e.is_timeout() || e.is_io_error() || e.is_connection_dropped()) {
+                    self.conn.answered();
+                }
+                Err(StoreError::Redis(e))
+            }
+            Err(_) => {
+                self.conn.replace_stale();
+                Err(StoreError::Timeout)
+            }
         };
         if let Some(h) = &self.redis_seconds {
             h.with_label_values(&[op])
@@ -505,7 +632,8 @@ impl Store {
             .arg(offset_ms)
             .arg(u.total_tokens)
             .arg(if u.complete { 1 } else { 0 })
-            .arg(keys::token_counter_prefix(&u.tenant));
+            .arg(keys::token_counter_prefix(&u.tenant))
+            .arg(SETTLED_TTL_S);
         let mut conn = self.conn.clone();
         let reply: Value = self.bounded("usage", inv.invoke_async(&mut conn)).await?;
         let mut f = fields(&reply)?;

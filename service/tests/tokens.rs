@@ -117,6 +117,25 @@ async fn reconciliation_replaces_the_reservation_once_and_a_replay_changes_nothi
 }
 
 #[tokio::test]
+async fn a_settled_reservation_is_kept_only_briefly_so_token_traffic_leaves_no_hour_of_records() {
+    let redis = RedisServer::start();
+    let s = svc(&redis).await;
+    let id = reserve(&s, "ttl", 100).await;
+    let key = keys::reservation("ttl", &id);
+    let open = redis.ttl(&key);
+    assert!(open > 3000, "an open reservation waits up to an hour for its report: ttl {open}");
+    report(&s, "ttl", &id, 90, true).await;
+    let settled = redis.ttl(&key);
+    assert!((1..=sluice_service::config::SETTLED_TTL_S as i64).contains(&settled), "settled ttl {settled}");
+    // A replay within that time is still recognised, and changes nothing.
+    assert_eq!(report(&s, "ttl", &id, 5, true).await["status"], "duplicate");
+    assert!(redis.ttl(&key) <= settled, "a replay does not lengthen it");
+    let _: i64 = redis::cmd("DEL").arg(&key).query(&mut redis.conn()).unwrap();
+    assert_eq!(report(&s, "ttl", &id, 5, true).await["status"], "unknown");
+    assert_eq!(redis.get(&hour_key("ttl")), Some(90), "after it expired a replay is unknown and changes nothing");
+}
+
+#[tokio::test]
 async fn h15_a_refund_never_drives_a_counter_below_zero() {
     let redis = RedisServer::start();
     let s = svc(&redis).await;

@@ -108,6 +108,32 @@ pub fn shipped_plugin_config() -> Value {
     plugin_config_of(&load_yaml(&shipped_config_path()))
 }
 
+fn run_args(opts: &EnvoyOpts) -> Vec<String> {
+    let mut args = vec!["--concurrency".to_string(), opts.concurrency.to_string(), "-l".to_string(), opts.log_level.clone()];
+    if let Some(levels) = &opts.component_log_level {
+        args.extend(["--component-log-level".to_string(), levels.clone()]);
+    }
+    args
+}
+
+fn spawn_envoy(config_path: &Path, args: &[String], dir: &Path) -> ChildProc {
+    let mut cmd = Command::new(envoy_bin());
+    cmd.current_dir(repo_root())
+        .arg("-c")
+        .arg(config_path)
+        // No shared memory for hot restart, so any number of Envoys can run at once.
+        .arg("--disable-hot-restart")
+        .args(args);
+    ChildProc::spawn("envoy", cmd, &dir.join("envoy.log"))
+}
+
+fn wait_envoy(proc: &mut ChildProc, listener_addr: SocketAddr, admin_addr: SocketAddr) -> Result<(), crate::process::NotReady> {
+    proc.wait_ready(READY_TIMEOUT, || {
+        matches!(http::get(admin_addr, "/ready"), Ok(r) if r.status == 200 && r.text().trim() == "LIVE")
+            && http::accepts(listener_addr)
+    })
+}
+
 /// Renders the test config from `envoy/envoy.yaml` (see the module docs).
 pub fn render_config(opts: &EnvoyOpts, listener_port: u16, admin_port: u16) -> Value {
     let mut config = load_yaml(&shipped_config_path());
@@ -178,6 +204,8 @@ pub struct Envoy {
     listener_addr: SocketAddr,
     admin_addr: SocketAddr,
     config_path: PathBuf,
+    /// `--concurrency`, `-l` and `--component-log-level`, for [`Envoy::restart`].
+    run_args: Vec<String>,
     dir: TestDir,
 }
 
@@ -195,23 +223,8 @@ impl Envoy {
                 &config_path,
                 serde_json::to_vec_pretty(&config).expect("serialize the envoy config"),
             );
-            let mut cmd = Command::new(envoy_bin());
-            cmd.current_dir(repo_root())
-                .arg("-c")
-                .arg(&config_path)
-                .args(["--concurrency", &opts.concurrency.to_string()])
-                // No shared memory for hot restart, so any number of Envoys can run at once.
-                .arg("--disable-hot-restart")
-                .args(["-l", &opts.log_level]);
-            if let Some(levels) = &opts.component_log_level {
-                cmd.args(["--component-log-level", levels]);
-            }
-            let mut proc = ChildProc::spawn("envoy", cmd, &dir.path().join("envoy.log"));
-            let ready = proc.wait_ready(READY_TIMEOUT, || {
-                matches!(http::get(admin_addr, "/ready"), Ok(r) if r.status == 200 && r.text().trim() == "LIVE")
-                    && http::accepts(listener_addr)
-            });
-            match ready {
+            let mut proc = spawn_envoy(&config_path, &run_args(&opts), dir.path());
+            match wait_envoy(&mut proc, listener_addr, admin_addr) {
                 Ok(()) => Ok((proc, listener_addr, admin_addr)),
                 Err(reason) => Err((proc, reason)),
             }
@@ -221,8 +234,26 @@ impl Envoy {
             listener_addr,
             admin_addr,
             config_path,
+            run_args: run_args(&opts),
             dir,
         }
+    }
+
+    /// Kills Envoy with SIGKILL: every downstream and upstream connection,
+    /// and every request in flight, is cut.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts Envoy again with the same config (same listener and admin
+    /// ports) and waits until it is ready, after [`Envoy::kill`] or on its own.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        let mut proc = spawn_envoy(&self.config_path, &self.run_args, self.dir.path());
+        if let Err(reason) = wait_envoy(&mut proc, self.listener_addr, self.admin_addr) {
+            proc.fail(&format!("envoy did not restart: {reason:?}"));
+        }
+        self.proc = proc;
     }
 
     pub fn listener_addr(&self) -> SocketAddr {

@@ -9,6 +9,7 @@
 //!   drop (TERM, then KILL), whose log is printed when the test panics.
 //! - [`http`]: a tiny blocking HTTP/1.1 client for readiness probes, stats and
 //!   admin calls. It works inside and outside a tokio runtime.
+//! - [`proxy`]: a TCP proxy that can black-hole its connections (fault suite).
 //! - [`redis`], [`service`], [`envoy`]: the components, started by
 //!   `Redis::start()`, `Service::start(..)`, `DemoUpstream::start()` and
 //!   `Envoy::start(..)`.
@@ -20,12 +21,14 @@ pub mod envoy;
 pub mod http;
 pub mod paths;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 pub mod redis_cluster;
 pub mod service;
 
 pub use envoy::{Envoy, EnvoyOpts, PromMetrics};
 pub use http::Response;
+pub use proxy::Proxy;
 pub use redis::{Redis, RespValue};
 pub use redis_cluster::RedisCluster;
 pub use service::{DemoUpstream, Service, ServiceOpts};

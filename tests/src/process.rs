@@ -172,6 +172,17 @@ impl ChildProc {
         self.signal(libc::SIGCONT);
     }
 
+    /// Kills the child at once (SIGKILL: no shutdown code runs, as in a
+    /// crash or an OOM kill) and reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        if self.reaped || self.exit_status().is_some() {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+
     /// Stops the child: SIGTERM, then SIGKILL if it has not exited within the
     /// grace period. Idempotent.
     pub fn stop(&mut self) {

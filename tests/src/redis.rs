@@ -78,6 +78,14 @@ impl Redis {
         }
     }
 
+    /// Kills the server with SIGKILL (no shutdown save: only what the AOF
+    /// already holds survives). [`Redis::restart`] brings it back.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
     /// Starts the server again on the same port and data dir.
     pub fn restart(&mut self) {
         self.stop();

@@ -18,6 +18,7 @@ pub const TEST_ADMIN_TOKEN: &str = "sluice-test-admin-token-0123456789";
 /// developer's shell cannot change what a test runs.
 const SLUICE_ENV: &[&str] = &[
     "SLUICE_LISTEN",
+    "SLUICE_ADMIN_LISTEN",
     "SLUICE_REDIS_URL",
     "SLUICE_REDIS_CLUSTER",
     "SLUICE_TIERS",
@@ -90,6 +91,8 @@ pub struct Service {
     proc: ChildProc,
     addr: SocketAddr,
     queue_addr: Option<SocketAddr>,
+    /// The command line (without `--listen` and `--queue-listen`), for
+    /// [`Service::restart`].
     args: Vec<String>,
     admin_token: Option<String>,
     dir: TestDir,
@@ -161,13 +164,10 @@ impl Service {
         self.queue_addr
     }
 
-    /// Kills the service with SIGKILL (no draining: a crash) and reaps it.
+    /// Kills the service with SIGKILL (no draining: a crash; requests in
+    /// flight are cut off) and reaps it.
     pub fn kill(&mut self) {
-        self.proc.signal(libc::SIGKILL);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.proc.is_running() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.proc.kill();
     }
 
     /// Sends SIGTERM and waits (up to `timeout`) for the service to exit;

@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderName, HeaderValue};
 use sluice_wire::reply;
@@ -26,6 +26,8 @@ use crate::upstreams::Upstream;
 
 /// Idle workers poll this often in case a work notification was missed.
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How long before its lease ends a worker stops trying to store an answer.
+const COMPLETE_MARGIN: Duration = Duration::from_millis(500);
 /// Largest upstream response a queued request stores.
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -83,6 +85,8 @@ pub async fn run(q: Arc<Queue>, up: Upstream, n: usize) {
 }
 
 async fn dispatch(q: &Arc<Queue>, up: &Upstream, item: Leased) {
+    // The lease was taken just before (DEQUEUE): it ends `up.lease` after this.
+    let leased_at = Instant::now();
     let m = &q.app.metrics;
     let waited = item.now_ms.saturating_sub(item.created_ms).max(0);
     m.queue_wait(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));
@@ -118,7 +122,7 @@ async fn dispatch(q: &Arc<Queue>, up: &Upstream, item: Leased) {
                 .map(|r| model::answer(&r))
                 .unwrap_or_else(model::failed_answer);
             m.dispatch(&up.name, "quota_denied");
-            return complete(q, up, &item, &answer, true).await;
+            return complete(q, up, &item, leased_at, &answer, true).await;
         }
     }
     let limits = reply::admitted_headers(&decision::respond(charged, item.tokens, item.policy.as_deref(), None));
@@ -167,7 +171,7 @@ async fn dispatch(q: &Arc<Queue>, up: &Upstream, item: Leased) {
             model::upstream_error_answer(&why)
         }
     };
-    complete(q, up, &item, &answer, false).await;
+    complete(q, up, &item, leased_at, &answer, false).await;
 }
 
 async fn give_back_after_error(q: &Queue, up: &Upstream, item: &Leased, e: &StoreError) {
@@ -178,10 +182,16 @@ async fn give_back_after_error(q: &Queue, up: &Upstream, item: &Leased, e: &Stor
     }
 }
 
-async fn complete(q: &Queue, up: &Upstream, item: &Leased, answer: &Answer, refund: bool) {
-    // A Redis blip here must not lose the answer: retry briefly, then leave
-    // the lease to expire (the request is then requeued and replayed).
-    for attempt in 0..3 {
+async fn complete(q: &Queue, up: &Upstream, item: &Leased, leased_at: Instant, answer: &Answer, refund: bool) {
+    // Redis down (killed, restarting, cut off) must not turn a dispatched
+    // request into a replay: keep trying to store the answer for as long as
+    // the lease is ours (less a margin), then leave the lease to expire (the
+    // request is then requeued and replayed with the same x-request-id).
+    // COMPLETE refuses a lease that is no longer ours, so a late try never
+    // overwrites a replay's answer.
+    let until = leased_at + up.lease.saturating_sub(COMPLETE_MARGIN);
+    let mut attempt: u32 = 0;
+    loop {
         match q.app.store.complete(up, &item.id, answer, refund, q.offset_ms()).await {
             Ok(true) => return,
             Ok(false) => {
@@ -189,9 +199,16 @@ async fn complete(q: &Queue, up: &Upstream, item: &Leased, answer: &Answer, refu
                 return;
             }
             Err(e) => {
+                attempt = attempt.saturating_add(1);
                 q.app.metrics.redis_error("queue");
-                log_throttled(&format!("storing an answer failed (try {}): {e}", attempt + 1));
-                tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+                log_throttled(&format!("storing an answer failed (try {attempt}): {e}"));
+                let pause = Duration::from_millis(100u64.saturating_mul(u64::from(attempt)).min(500));
+                // Shutting down: do not hold the exit for a Redis that is gone.
+                if attempt >= 3 && (Instant::now() + pause >= until || *q.stop.borrow()) {
+                    log_throttled("giving up storing the answer; the lease will expire and the request be replayed");
+                    return;
+                }
+                tokio::time::sleep(pause).await;
             }
         }
     }

@@ -377,6 +377,14 @@ impl Service {
             .await
     }
 
+    /// An admin call with a raw (possibly invalid) JSON body.
+    pub async fn raw_admin(&self, method: Method, path: &str, body: &str) -> Reply {
+        let auth = format!("Bearer {TOKEN}");
+        self.http
+            .send(false, method, &self.url(path), Some(body.to_string()), &[("authorization", auth.as_str())])
+            .await
+    }
+
     /// Shifts the test clock so the scripts see `target_ms` (epoch ms) now.
     pub async fn set_now(&self, redis: &RedisServer, target_ms: i64) {
         let offset = target_ms - redis.now_ms();

@@ -151,3 +151,101 @@ pub fn plugin_config(changes: Value) -> Value {
     }
     c
 }
+
+/// Background load through Envoy for the fault suite: `parallel` threads
+/// cycle through `targets` (method GET, path, tenant) until stopped, one
+/// connection per request, and record every outcome (status 0: the
+/// connection failed or timed out).
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    results: Arc<Mutex<Vec<(usize, u16)>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(target: SocketAddr, targets: &[(&str, &str)], parallel: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let targets: Arc<Vec<(String, String)>> =
+            Arc::new(targets.iter().map(|(p, t)| (p.to_string(), t.to_string())).collect());
+        let threads = (0..parallel)
+            .map(|n| {
+                let (stop, results, targets) = (Arc::clone(&stop), Arc::clone(&results), Arc::clone(&targets));
+                std::thread::spawn(move || {
+                    let mut i = n;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let idx = i % targets.len();
+                        let (path, tenant) = &targets[idx];
+                        let status = http::request(target, "GET", path, &[("x-tenant-id", tenant)], None, Duration::from_secs(15))
+                            .map_or(0, |r| r.status);
+                        results.lock().unwrap().push((idx, status));
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Load { stop, results, threads }
+    }
+
+    /// Outcomes so far.
+    pub fn count(&self) -> usize {
+        self.results.lock().unwrap().len()
+    }
+
+    /// Stops every thread and returns each target's statuses.
+    pub fn finish(mut self) -> Vec<Vec<u16>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let results = self.results.lock().unwrap();
+        let n = results.iter().map(|(i, _)| *i + 1).max().unwrap_or(0);
+        let mut by_target = vec![Vec::new(); n];
+        for (i, s) in results.iter() {
+            by_target[*i].push(*s);
+        }
+        by_target
+    }
+}
+
+/// Histogram of statuses, for assertion messages.
+pub fn tally(statuses: &[u16]) -> std::collections::BTreeMap<u16, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for s in statuses {
+        *m.entry(*s).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Every key in Redis and its TTL (-1: none).
+pub fn keys_and_ttls(redis: &Redis) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    let mut cursor = "0".to_string();
+    loop {
+        let reply = redis.cmd(&["SCAN", &cursor, "COUNT", "1000"]);
+        let sluice_tests::RespValue::Array(Some(parts)) = reply else { panic!("SCAN reply {reply:?}") };
+        cursor = parts[0].as_string().unwrap();
+        for k in parts[1].strings() {
+            let ttl = redis.cmd(&["TTL", &k]).as_i64().unwrap();
+            out.push((k, ttl));
+        }
+        if cursor == "0" {
+            return out;
+        }
+    }
+}
+
+/// Keys without an expiry that have a documented owner (docs/design.md):
+/// a tenant's settings and reported storage, the global tiers document.
+pub fn is_owned_key(key: &str) -> bool {
+    key.ends_with(":cfg") || key.ends_with(":storage") || key == "sluice:{g}:tiers"
+}
+
+/// Asserts that every key but the documented owners has a TTL.
+pub fn assert_every_key_expires(redis: &Redis) -> usize {
+    let keys = keys_and_ttls(redis);
+    // -2: expired between SCAN and TTL.
+    let stuck: Vec<&(String, i64)> = keys.iter().filter(|(k, ttl)| *ttl == -1 && !is_owned_key(k)).collect();
+    assert!(stuck.is_empty(), "keys without an expiry: {stuck:?}");
+    keys.len()
+}
