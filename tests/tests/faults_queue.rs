@@ -127,6 +127,8 @@ fn redis_sigkilled_with_work_queued_and_in_dispatch_loses_nothing_and_dispatches
     // 2 requests/s; a 5 s lease comfortably outlasts the outage.
     let gpu_cfg = json!({"rate": 2, "burst": 1, "dispatch_timeout_ms": 4000, "lease_ms": 5000});
     let service = queue_service(&redis, &upstream, gpu_cfg, 1);
+    // Mid-hour on the service's clock: the hour counts below stay in one window.
+    service.set_clock_offset_ms(offset_to(next_hour_ms(5) - 1_800_000));
     let envoy = envoy_for(&service, &upstream);
     drain_bucket(&envoy, "drain");
     let tenants = ["rk-a", "rk-b", "rk-c"];
