@@ -68,7 +68,7 @@ run: deps build
 test: deps build
 	@export SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(SLUICE_BIN) ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)"; \
 	  echo "test: SLUICE_WASM=$$SLUICE_WASM SLUICE_BIN=$$SLUICE_BIN ENVOY_BIN=$$ENVOY_BIN"; \
-	  $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+	  $(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
 
 # Benchmarks: one run, ratios within it (never timed assertions in tests).
 # Optimised native binaries (profile `perf`, target/perf/) against the real

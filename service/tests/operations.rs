@@ -437,14 +437,24 @@ async fn metrics_export_redis_latency_memory_and_the_tiers_version() {
     let redis = RedisServer::start();
     let svc = Service::on(&redis).await;
     svc.check(json!({"tenant": "m"})).await;
-    let m = svc.request(Method::GET, "/metrics", None, &[]).await.text;
-    let value = |name: &str| -> f64 {
+    let value_in = |m: &str, name: &str| -> f64 {
         m.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
             .unwrap_or_else(|| panic!("no {name} in {m}"))
             .parse()
             .unwrap()
     };
+    // The tiers refresher loads the seeded version in the background: on a
+    // loaded machine the first scrape can come before it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let m = loop {
+        let m = svc.request(Method::GET, "/metrics", None, &[]).await.text;
+        if value_in(&m, "sluice_tiers_version") >= 1.0 || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let value = |name: &str| value_in(&m, name);
     assert!(value("sluice_redis_memory_used_bytes") > 0.0);
     assert_eq!(value("sluice_redis_up"), 1.0);
     assert!(value("sluice_redis_command_duration_seconds_count{op=\"check\"}") >= 1.0);

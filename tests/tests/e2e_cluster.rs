@@ -85,7 +85,7 @@ fn a_cluster_service_starts_while_the_cluster_is_down_and_answers_503_not_500() 
     let urls = format!("redis://127.0.0.1:{}/,redis://127.0.0.1:{}/", sluice_tests::free_port(), sluice_tests::free_port());
     let service = Service::start(
         &urls,
-        ServiceOpts { extra_args: vec!["--redis-cluster".into(), "--redis-timeout-ms".into(), "300".into()], ..ServiceOpts::default() },
+        ServiceOpts { extra_args: vec!["--redis-cluster".into()], redis_timeout_ms: Some(300), ..ServiceOpts::default() },
     );
     let r = service.get("/readyz");
     assert_eq!(r.status, 503, "{}", r.text());
