@@ -4,10 +4,13 @@
 //! `target/soak/summary.md`.
 //!
 //! Load (`SOAK_RPS`, default 150 requests/s, open loop, at most 128 in
-//! flight): 55 % `GET /v1/models` (default policy), 10 % `GET /v1/llm/...`
+//! flight): 50 % `GET /v1/models` (default policy), 10 % `GET /v1/llm/...`
 //! (fail-closed, cost 5, route window), 30 % `POST /v1/chat/completions`
 //! with a token reservation and usage reconciliation (a tenth of them
-//! streamed), 5 % from 10 hot tenants that run into their quota (429s).
+//! streamed), 5 % `GET /v1/gpu/run` on an upstream with a capacity of
+//! 10 requests/s (fair admission; what overflows waits in the queue, wait
+//! mode, and is dispatched by the workers), 5 % from 10 hot tenants that run
+//! into their quota (429s).
 //! Every tenant is touched once before the measured phase, so what follows
 //! is the steady state of 10,000 tenants.
 //!
@@ -64,6 +67,8 @@ struct Counters {
     ok: AtomicU64,
     limited: AtomicU64,
     errors: AtomicU64,
+    /// Answered through the queue (dispatched by a worker).
+    queued: AtomicU64,
     /// Error statuses seen (0: no answer).
     error_statuses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
@@ -98,8 +103,9 @@ fn tenant(i: usize) -> String {
     format!("soak-{i:05}")
 }
 
-/// One request of the mix; returns its status (0: no answer).
-async fn one(client: &reqwest::Client, base: &str, pick: u64, t: usize) -> u16 {
+/// One request of the mix; returns its status (0: no answer) and whether
+/// it went through the queue.
+async fn one(client: &reqwest::Client, base: &str, pick: u64, t: usize) -> (u16, bool) {
     let (hot, slot) = (pick % 100 < 5, (pick / 100) as usize);
     let tenant = if hot { format!("soak-hot-{}", slot % HOT_TENANTS) } else { tenant(t) };
     let kind = pick % 20;
@@ -114,18 +120,21 @@ async fn one(client: &reqwest::Client, base: &str, pick: u64, t: usize) -> u16 {
         }
         // 10 %: the fail-closed route (cost 5, a route window).
         6 | 7 => client.get(format!("{base}/v1/llm/complete")),
+        // 5 %: the capacity-limited upstream, overflow queued.
+        8 => client.get(format!("{base}/v1/gpu/run")),
         _ => client.get(format!("{base}/v1/models")),
     };
     match req.header("x-tenant-id", tenant).send().await {
         Ok(r) => {
             let status = r.status().as_u16();
+            let queued = r.headers().contains_key("x-sluice-request-id");
             // Read the whole body (streams included) so usage is reported.
             match r.bytes().await {
-                Ok(_) => status,
-                Err(_) => 0,
+                Ok(_) => (status, queued),
+                Err(_) => (0, queued),
             }
         }
-        Err(_) => 0,
+        Err(_) => (0, false),
     }
 }
 
@@ -139,15 +148,26 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
 
     let (redis, mut service, upstream, mut envoy) = tokio::task::spawn_blocking(|| {
         let redis = Redis::start();
+        let upstream = DemoUpstream::start();
         // The machine is shared (2 cores, other builds and tests): a 1 s
         // Redis timeout and a 2 s callout timeout keep CPU starvation from
         // turning into failure-mode answers; this soak is about leaks.
-        let service = Service::start(&redis.url(), ServiceOpts { redis_timeout_ms: Some(1000), ..ServiceOpts::default() });
+        // Wait-mode answers are never read back: a short result TTL.
+        let gpu = json!({"url": format!("http://{}", upstream.addr()), "rate": 10, "burst": 10, "result_ttl_s": 60});
+        let service = Service::start(
+            &redis.url(),
+            ServiceOpts {
+                redis_timeout_ms: Some(1000),
+                upstreams: Some(json!({"upstreams": {"gpu": gpu}})),
+                queue: true,
+                workers: Some(2),
+                ..ServiceOpts::default()
+            },
+        );
         // Inside one service-clock hour for the whole run (see the module docs).
         let start = next_hour_ms(0) - 3_600_000 + 60_000;
         let offset = offset_to(if start > now_ms() { start } else { start + 3_600_000 });
         service.set_clock_offset_ms(offset);
-        let upstream = DemoUpstream::start();
         let mut config = plugin_config(json!({"timeout_ms": 2000}));
         for p in config["policies"].as_array_mut().unwrap() {
             if p["name"] == "chat" {
@@ -157,6 +177,7 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
         let mut opts = EnvoyOpts::new(config, service.addr(), upstream.addr());
         opts.concurrency = 2;
         opts.component_log_level = None;
+        opts.queue_addr = service.queue_addr();
         let envoy = Envoy::start(opts);
         (redis, service, upstream, envoy)
     })
@@ -170,7 +191,10 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
         .unwrap();
     let counters = Arc::new(Counters::default());
     let limit = Arc::new(tokio::sync::Semaphore::new(128));
-    let record = |c: &Counters, s: u16| {
+    let record = |c: &Counters, (s, queued): (u16, bool)| {
+        if queued {
+            c.queued.fetch_add(1, Ordering::Relaxed);
+        }
         match s {
             200 => c.ok.fetch_add(1, Ordering::Relaxed),
             429 => c.limited.fetch_add(1, Ordering::Relaxed),
@@ -252,6 +276,10 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
     let _ = limit.acquire_many(128).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     samples.push(sample(started.elapsed().as_secs_f64(), &mut envoy, &mut service, &counters));
+    // Every wait-mode client has its answer: nothing may be left queued.
+    let queue_stats = tokio::task::block_in_place(|| service.get("/v1/queue/stats")).json();
+    let left_queued = queue_stats["upstreams"]["gpu"]["depth"].as_u64().unwrap_or(u64::MAX);
+    let left_in_flight = queue_stats["upstreams"]["gpu"]["in_flight"].as_u64().unwrap_or(u64::MAX);
 
     let (envoy_stats, keys, upstream_total) = tokio::task::spawn_blocking(move || {
         let stats = envoy.stats();
@@ -286,7 +314,9 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
     writeln!(md, "| achieved rate (measured phase) | {:.1} req/s |", c.sent.load(Ordering::Relaxed) as f64 / end.max(1.0)).unwrap();
     writeln!(md, "| 200 / 429 / errors | {ok} / {limited} / {errors} {:?} |", c.error_statuses.lock().unwrap()).unwrap();
     writeln!(md, "| reached the upstream | {upstream_total} |").unwrap();
-    for n in ["allowed", "denied", "failed_open", "failed_closed", "callout_errors", "usage_reported", "usage_report_failed", "usage_missing"] {
+    writeln!(md, "| answered through the queue (gpu route) | {} |", c.queued.load(Ordering::Relaxed)).unwrap();
+    writeln!(md, "| left in the queue at the end (depth / in flight) | {left_queued} / {left_in_flight} |").unwrap();
+    for n in ["allowed", "denied", "queued", "overflow_rejected", "failed_open", "failed_closed", "callout_errors", "usage_reported", "usage_report_failed", "usage_missing"] {
         writeln!(md, "| Envoy sluice.{n} | {} |", stat(n)).unwrap();
     }
     writeln!(md, "| keys at the end (without TTL: documented owners) | {} ({owned}) |", keys.len()).unwrap();
@@ -324,6 +354,12 @@ async fn soak_ten_thousand_tenants_keep_memory_and_keys_flat_with_no_errors() {
     eprintln!("{md}\nsoak: wrote {}", out_dir.display());
 
     let mut failures = flat_failures;
+    if c.queued.load(Ordering::Relaxed) == 0 {
+        failures.push("no request went through the queue: the mix did not exercise it".to_string());
+    }
+    if (left_queued, left_in_flight) != (0, 0) {
+        failures.push(format!("queue not empty at the end: depth {left_queued}, in flight {left_in_flight} ({queue_stats})"));
+    }
     if errors > 0 {
         failures.push(format!("{errors} requests answered something else than 200/429 or not at all"));
     }
