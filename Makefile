@@ -71,19 +71,20 @@ test: deps build
 	  $(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
 
 # Benchmarks: one run, ratios within it (never timed assertions in tests).
-# Optimised native binaries (profile `perf`, target/perf/) against the real
-# stack on free ports; the wasm module is always release. Reports go to
+# Optimised native binaries against the real stack on free ports; the wasm
+# module is always release. Reports go to
 # bench-results/. BENCH_ARGS passes options to bench-sluice
 # (e.g. BENCH_ARGS='--throughput-secs 3').
 BENCH_OUT ?= $(ROOT)/bench-results
 BENCH_ARGS ?=
 bench: bench-sluice bench-fairness
 
+# bench-sluice measures the service as shipped: the release profile (LTO).
 bench-sluice: deps wasm
-	$(CARGO) build --profile perf -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench
+	$(CARGO) build --release -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench
 	@echo "bench: load average $$(cut -d' ' -f1-3 /proc/loadavg) (figures are only meaningful on a quiet machine)"
-	@SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(PERF_BIN_DIR)/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)" \
-	  $(PERF_BIN_DIR)/sluice-bench --out $(BENCH_OUT) $(BENCH_ARGS)
+	@SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(ROOT)/target/release/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)" \
+	  $(ROOT)/target/release/sluice-bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 bench-fairness: deps wasm
 	$(CARGO) build --profile perf -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench-fairness
