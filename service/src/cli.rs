@@ -20,8 +20,8 @@ pub struct AdminArgs {
     /// Base URL of a quota service replica.
     #[arg(long, env = "SLUICE_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
     url: String,
-    /// Admin bearer token.
-    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true, global = true, conflicts_with = "token_file")]
+    /// Admin bearer token (wins over --token-file, so a flag overrides an environment default).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// File holding the admin token (a trailing newline is ignored).
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE", global = true)]

@@ -138,6 +138,14 @@ fn cli_errors_show_the_api_message_and_exit_non_zero() {
     let out = cli.run(&["tiers"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("403 forbidden"));
+    // A --token flag wins over a token file from the environment (README's setup exports one).
+    let out = Command::new(sluice_bin())
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .env("SLUICE_ADMIN_TOKEN_FILE", cli.token_file.path())
+        .args(["admin", "--url", &svc.base_url(), "--token", TEST_ADMIN_TOKEN, "tiers"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // No token at all, and a service that is not there.
     let out = Command::new(sluice_bin())

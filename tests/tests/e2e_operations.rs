@@ -191,6 +191,13 @@ fn reserved_capacity_routes_a_tiers_admitted_requests_to_its_dedicated_cluster_a
     assert_eq!(s.get("/v1/models", "solo").status, 429);
     assert_eq!(admitted(&reserved, "solo"), 1);
     assert_eq!(s.envoy.filter_counter("sluice.reserved"), 5);
+    // A pool no route matches: the shared upstream serves it and, as every
+    // shipped route removes the header, never sees it.
+    put(&s.service, "/v1/admin/tenants/lost/mode", json!({"reserved_pool": "nowhere"}));
+    let r = s.envoy.request("GET", "/v1/echo", &[("x-tenant-id", "lost")], None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let names: Vec<String> = r.json()["header_names"].as_array().unwrap().iter().filter_map(|v| v.as_str().map(String::from)).collect();
+    assert!(!names.iter().any(|n| n.starts_with("x-sluice-")), "{names:?}");
 }
 
 #[test]

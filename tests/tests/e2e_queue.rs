@@ -208,6 +208,7 @@ fn overflow_reaches_the_queue_and_comes_back_with_the_upstreams_answer_in_wait_m
         assert_eq!(all(&r, h).len(), 1, "exactly one {h} (from the dispatch-time charge): {:?}", r.headers);
     }
     assert_eq!(header_u64(&r, "x-ratelimit-remaining"), 98, "two requests charged of the free tier's 100");
+    assert_eq!(all(&r, "content-type"), ["application/json"], "the upstream's content-type, once: {:?}", r.headers);
     assert!(t.elapsed() >= Duration::from_millis(300), "it waited for capacity ({:?})", t.elapsed());
     assert_eq!(q.envoy.filter_counter("sluice.queued"), 1);
     assert_eq!(q.admitted("wait"), 2);
@@ -226,6 +227,7 @@ fn async_mode_answers_202_with_a_location_and_the_answer_is_readable_only_by_its
     let r = q.result(&location, "owner", Duration::from_secs(10));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-sluice-queue-status"), Some("done"));
+    assert_eq!(all(&r, "content-type"), ["application/json"], "the upstream's content-type, once: {:?}", r.headers);
     assert_eq!(r.json()["request_id"], id.as_str(), "the upstream's own answer");
     assert!(r.header("x-ratelimit-limit").is_some());
     // Another tenant, a made-up id, no tenant: never a hint that it exists.

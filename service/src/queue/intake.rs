@@ -61,6 +61,9 @@ fn answer_response(a: Answer, id: &str) -> Response {
     )
         .into_response();
     let h = resp.headers_mut();
+    // The upstream's headers, not axum's default for a byte body
+    // (application/octet-stream), which would make a second content-type.
+    h.remove(axum::http::header::CONTENT_TYPE);
     for (k, v) in model::headers_from_json(&a.headers_json) {
         h.append(k, v);
     }
