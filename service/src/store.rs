@@ -1321,14 +1321,9 @@ fn opt_u64(v: &Value) -> Result<Option<u64>, StoreError> {
     Ok(u64::try_from(as_int(v)?).ok())
 }
 
-fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
-    let mut f = fields(&reply)?;
-    let allowed = as_int(f.next()?)? == 1;
-    let tier = as_text(f.next()?)?;
-    let rid = as_text(f.next()?)?;
-    let storage_used = as_u64(f.next()?)?;
-    let storage_limit = as_int(f.next()?)?;
-    let storage_exceeded = as_int(f.next()?)? == 1;
+/// A count and that many window rows, as CHECK and CHARGE return them:
+/// window, kind, limit, used, remaining, reset, reset_in, exceeded, window id.
+fn parse_rows(f: &mut Fields<'_>) -> Result<Vec<WindowRow>, StoreError> {
     let n = as_u64(f.next()?)?;
     let mut rows = Vec::new();
     for _ in 0..n {
@@ -1350,6 +1345,18 @@ fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
             window_id: as_text(f.next()?)?,
         });
     }
+    Ok(rows)
+}
+
+fn parse_check(reply: Value) -> Result<ScriptDecision, StoreError> {
+    let mut f = fields(&reply)?;
+    let allowed = as_int(f.next()?)? == 1;
+    let tier = as_text(f.next()?)?;
+    let rid = as_text(f.next()?)?;
+    let storage_used = as_u64(f.next()?)?;
+    let storage_limit = as_int(f.next()?)?;
+    let storage_exceeded = as_int(f.next()?)? == 1;
+    let rows = parse_rows(&mut f)?;
     let shadow = as_int(f.next()?)? == 1;
     let pool = as_text(f.next()?)?;
     let day = as_text(f.next()?)?;
@@ -1388,25 +1395,7 @@ fn parse_charge(reply: Value) -> Result<ScriptDecision, StoreError> {
     let verdict = Verdict::parse(&verdict_text)
         .ok_or_else(|| bad(format!("unknown verdict {verdict_text:?}")))?;
     let tier = as_text(f.next()?)?;
-    let n = as_u64(f.next()?)?;
-    let mut rows = Vec::new();
-    for _ in 0..n {
-        rows.push(WindowRow {
-            window: as_window(f.next()?)?,
-            kind: match as_int(f.next()?)? {
-                0 => RowKind::Tier,
-                1 => RowKind::Route,
-                _ => RowKind::Tokens,
-            },
-            limit: as_u64(f.next()?)?,
-            used: as_u64(f.next()?)?,
-            remaining: as_u64(f.next()?)?,
-            reset: as_u64(f.next()?)?,
-            reset_in: as_u64(f.next()?)?,
-            exceeded: as_int(f.next()?)? == 1,
-            window_id: as_text(f.next()?)?,
-        });
-    }
+    let rows = parse_rows(&mut f)?;
     let extra = as_u64(f.next()?)?;
     Ok(ScriptDecision {
         allowed: verdict.allowed(),
