@@ -454,7 +454,12 @@ impl RootContext for Root {
 /// cluster is unknown to Envoy: a misspelt cluster would otherwise only show
 /// as every request taking the failure mode.
 fn probe_cluster(c: &CompiledConfig) {
-    let headers = vec![(":method", "GET"), (":path", "/healthz"), (":authority", c.quota_authority.as_str())];
+    let headers = vec![
+        (":method", "GET"),
+        (":path", "/healthz"),
+        (":authority", c.quota_authority.as_str()),
+        ("content-type", "application/json"),
+    ];
     if hostcalls::dispatch_http_call(&c.quota_cluster, headers, None, vec![], Duration::from_millis(c.timeout_ms))
         .is_err()
     {
@@ -474,7 +479,12 @@ fn probe_queue_cluster(c: &CompiledConfig) -> bool {
         }
         return false;
     };
-    let headers = vec![(":method", "GET"), (":path", "/healthz"), (":authority", "sluice-queue")];
+    let headers = vec![
+        (":method", "GET"),
+        (":path", "/healthz"),
+        (":authority", c.quota_authority.as_str()),
+        ("content-type", "application/json"),
+    ];
     match hostcalls::dispatch_http_call(cluster, headers, None, vec![], Duration::from_millis(c.timeout_ms)) {
         Ok(_) => true,
         Err(_) => {
@@ -591,7 +601,13 @@ impl Request {
                 self.latency = None;
                 let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 if !host::send_response(status, &hs, body.as_bytes()) {
-                    log::warn!("could not send the local {status} reply");
+                    // Never leave the request paused with nothing pending:
+                    // the same status without our headers (a refusal must
+                    // not turn into an admission).
+                    log::warn!("could not send the local {status} reply; sending it bare");
+                    if !host::send_response(status, &[], &[]) {
+                        log::error!("could not send a local {status} reply at all");
+                    }
                 }
                 Action::Pause
             }

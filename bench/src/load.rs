@@ -157,8 +157,21 @@ pub struct Throughput {
 }
 
 /// `conns` connections sending back to back for `duration`; requests rotate
-/// over the target's tenants starting at `first_index`.
+/// over the target's tenants from the first.
 pub fn closed_loop(target: &Target, conns: usize, threads: usize, duration: Duration) -> Throughput {
+    run_closed(target, conns, threads, Some(duration), u64::MAX)
+}
+
+/// One request for each of the target's tenants, over `conns` connections
+/// back to back: every tenant is then known to every component (a scaling
+/// cell of 100,000 tenants really holds 100,000, whatever the rate).
+pub fn touch_each(target: &Target, conns: usize, threads: usize) -> Throughput {
+    run_closed(target, conns, threads, None, target.tenants.len() as u64)
+}
+
+/// Closed loop until `duration` has passed (or, without one, until
+/// `requests` have been sent), never more than `requests`.
+fn run_closed(target: &Target, conns: usize, threads: usize, duration: Option<Duration>, requests: u64) -> Throughput {
     let rt = runtime(threads);
     let next = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -172,6 +185,9 @@ pub fn closed_loop(target: &Target, conns: usize, threads: usize, duration: Dura
                 let mut counts = Counts::default();
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= requests {
+                        break;
+                    }
                     let status = conn.send(&target, i).await;
                     if status.is_none() {
                         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -181,8 +197,10 @@ pub fn closed_loop(target: &Target, conns: usize, threads: usize, duration: Dura
                 counts
             }));
         }
-        tokio::time::sleep(duration).await;
-        stop.store(true, Ordering::Relaxed);
+        if let Some(duration) = duration {
+            tokio::time::sleep(duration).await;
+            stop.store(true, Ordering::Relaxed);
+        }
         let mut totals = Counts::default();
         for t in tasks {
             if let Ok(c) = t.await {

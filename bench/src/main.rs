@@ -192,21 +192,53 @@ fn callouts(stack: &Stack) -> u64 {
     }
 }
 
+/// The hour limit of the capped tenant of every scaling cell.
+pub const SCALE_CAP: u64 = 50;
+
+/// A scaling cell: `n` distinct tenants, each sent one request first (so the
+/// cell really holds `n` tenants), then a closed loop over them. One more
+/// tenant, capped at [`SCALE_CAP`], takes every 50th slot of the rotation so
+/// it runs far past its limit in every cell: over-admission is checked with
+/// 2 workers and many tenants too, not only in the main runs.
 fn run_scale(opts: &Opts, stack: &mut Stack, workers: u32, n: usize) -> ScaleResult {
-    let tenants: Vec<String> = (0..n).map(|i| format!("s{n}-{i}")).collect();
+    let capped = format!("s{n}-capped");
+    let mut tenants: Vec<String> = Vec::with_capacity(n + n / 49 + 1);
+    for i in 0..n {
+        if i % 49 == 0 {
+            tenants.push(capped.clone());
+        }
+        tenants.push(format!("s{n}-{i}"));
+    }
+    stack.cap(&capped, SCALE_CAP);
     let target = Target::new(stack.envoy.listener_addr(), &opts.path, &tenants);
     let rss_before = stack.envoy_rss_kib();
+    let touched = load::touch_each(&target, opts.conns, opts.load_threads);
     let _ = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs(1));
     let t = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs_f64(opts.scale_secs));
     let rss_after = stack.envoy_rss_kib();
-    eprintln!("   {n} tenants: {:.0} req/s, envoy RSS {} -> {} KiB", t.rps, rss_before, rss_after);
+    let capped_admitted = stack
+        .upstream_stats()
+        .pointer(&format!("/by_tenant/{capped}"))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    eprintln!(
+        "   {n} tenants (each touched: {} answers in {:.1} s): {:.0} req/s, envoy RSS {} -> {} KiB, capped tenant {capped_admitted}/{SCALE_CAP}",
+        touched.counts.answered(),
+        touched.seconds,
+        t.rps,
+        rss_before,
+        rss_after
+    );
     ScaleResult {
         mode: stack.mode,
         workers,
         tenants: n,
+        touched: touched.counts.answered(),
         throughput: t,
         envoy_rss_kib_before: rss_before,
         envoy_rss_kib_after: rss_after,
         failed_closed_total: stack.filter_counter("sluice.failed_closed"),
+        capped_admitted,
+        enforced: stack.mode.is_sluice(),
     }
 }

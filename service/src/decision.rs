@@ -502,6 +502,22 @@ pub fn respond(
     }
 }
 
+/// The `reason` label of `sluice_rejections_total` for a denial bound by a
+/// row of this kind and window (one of `metrics::REJECT_REASONS`).
+pub fn reject_reason(kind: RowKind, window: Window) -> &'static str {
+    match (kind, window) {
+        (RowKind::Rate, _) | (_, Window::Second) => "second",
+        (RowKind::Tokens, Window::Hour) => "tokens_hour",
+        (RowKind::Tokens, _) => "tokens_month",
+        (RowKind::Route, Window::Hour) => "route_hour",
+        (RowKind::Route, Window::Day) => "route_day",
+        (RowKind::Route, _) => "route_month",
+        (RowKind::Tier, Window::Hour) => "hour",
+        (RowKind::Tier, Window::Day) => "day",
+        (RowKind::Tier, _) => "month",
+    }
+}
+
 /// Denied: among the exceeded windows, the one that resets last (retrying
 /// before it resets cannot succeed). Allowed: the fewest remaining units,
 /// ties going to the shorter window, then to the earlier entry.
@@ -527,6 +543,23 @@ pub fn binding_index(windows: &[WindowState], allowed: bool, exceeded: &[bool]) 
 )]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rejection_reason_is_a_metric_label_and_token_windows_are_not_route_windows() {
+        let kinds = [RowKind::Tier, RowKind::Route, RowKind::Tokens, RowKind::Rate];
+        let windows = [Window::Second, Window::Hour, Window::Day, Window::Month];
+        for k in kinds {
+            for w in windows {
+                let r = reject_reason(k, w);
+                assert!(crate::metrics::REJECT_REASONS.contains(&r), "{r}");
+            }
+        }
+        assert_eq!(reject_reason(RowKind::Tokens, Window::Hour), "tokens_hour");
+        assert_eq!(reject_reason(RowKind::Tokens, Window::Month), "tokens_month");
+        assert_eq!(reject_reason(RowKind::Route, Window::Day), "route_day");
+        assert_eq!(reject_reason(RowKind::Tier, Window::Month), "month");
+        assert_eq!(reject_reason(RowKind::Rate, Window::Second), "second");
+    }
 
     fn req(tenant: &str, cost: u64) -> CheckRequest {
         CheckRequest {

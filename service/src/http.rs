@@ -21,7 +21,7 @@ use sluice_wire::{
 };
 
 use crate::config::ServeConfig;
-use crate::decision::{self, Invalid, Verdict};
+use crate::decision::{self, Invalid, RowKind, Verdict};
 use crate::metrics::{self as m, Metrics};
 use crate::store::{Store, StoreError};
 use crate::tiers::TiersCache;
@@ -340,6 +340,8 @@ async fn check(
         Ok(d) => {
             let day = d.day.clone();
             let verdict = d.verdict;
+            // Only a denial needs the rows' kinds (the rejection reason).
+            let kinds: Vec<RowKind> = if d.allowed { Vec::new() } else { d.rows.iter().map(|r| r.kind).collect() };
             let queue = upstream.map(|u| sluice_wire::QueueTicket {
                 upstream: u.name.clone(),
                 ticket,
@@ -353,10 +355,8 @@ async fn check(
             if resp.shadow {
                 state.metrics.shadow(resp.allowed);
             } else if !resp.allowed && !matches!(verdict, Verdict::Queued) && !verdict.is_overflow_rejection() {
-                if let Some(w) = resp.windows.get(resp.binding) {
-                    let route = w.name != w.window.as_str();
-                    let reason = format!("{}{}", if route { "route_" } else { "" }, w.window.as_str());
-                    state.metrics.rejection(&reason);
+                if let (Some(w), Some(kind)) = (resp.windows.get(resp.binding), kinds.get(resp.binding)) {
+                    state.metrics.rejection(decision::reject_reason(*kind, w.window));
                 }
             }
             if resp.allowed && resp.reserved_pool.is_some() {

@@ -47,13 +47,15 @@ pub const ADMIN_ACTIONS: [&str; 12] = [
 pub const USAGE_RESULTS: [&str; 5] = ["settled", "duplicate", "unknown", "invalid", "error"];
 /// Why a check was denied: the binding window (`route_` for route windows;
 /// `second` is the tier's short-term rate).
-pub const REJECT_REASONS: [&str; 7] = [
+pub const REJECT_REASONS: [&str; 9] = [
     "hour",
     "day",
     "month",
     "route_hour",
     "route_day",
     "route_month",
+    "tokens_hour",
+    "tokens_month",
     "second",
 ];
 /// What the capacity step decided for a check on an upstream route.
@@ -316,7 +318,7 @@ impl Metrics {
         let rejections = counter_vec(
             &r,
             "sluice_rejections_total",
-            "Denied checks by binding window (route_ for route windows); shadow denials excluded",
+            "Denied checks by binding window (route_ for route windows, tokens_ for token budgets); shadow denials excluded",
             "reason",
             &REJECT_REASONS,
         )?;

@@ -241,6 +241,9 @@ impl Mode {
 /// Cluster. Both multiplex all requests over few connections and reconnect
 /// by themselves.
 #[derive(Clone)]
+// Cloned for every call (a clone of the multiplexed handle): boxing the
+// larger variant would add an allocation to each of them.
+#[allow(clippy::large_enum_variant)]
 pub enum Conn {
     Single(Healing),
     Cluster(ClusterConnection),

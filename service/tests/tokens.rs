@@ -82,6 +82,10 @@ async fn h02_concurrent_estimates_are_reserved_atomically_so_at_most_the_budget_
         }
     }
     assert_eq!(admitted, 3, "1000 tokens hold three reservations of 300");
+    // Token denials are counted under their own reason, not as route windows.
+    let m = s.request(Method::GET, "/metrics", None, &[]).await.text;
+    assert!(m.contains("sluice_rejections_total{reason=\"tokens_hour\"} 7"), "{m}");
+    assert!(m.contains("sluice_rejections_total{reason=\"route_hour\"} 0"), "{m}");
     assert_eq!(redis.get(&hour_key("h02")), Some(900));
     assert_eq!(redis.get(&month_key("h02")), Some(900));
     // The request windows count requests, not tokens.
