@@ -35,23 +35,29 @@ help:
 	@echo 'make soak    30 min (SOAK_MINUTES) of mixed load over 10,000 tenants; memory/key samples in target/soak/'
 	@echo 'make clippy  cargo clippy on the workspace and on the filter for wasm32, warnings are errors'
 	@echo 'make bench   every benchmark (bench-sluice, then bench-fairness) into bench-results/; never part of make test'
-	@echo 'make bench-sluice    side by side: Envoy alone, local_ratelimit, Sluice exact and lease; scaling table'
+	@echo 'make bench-sluice    side by side: Envoy alone, local_ratelimit, the proxy-wasm floor, Sluice exact and lease; scaling table'
 	@echo 'make bench-fairness  the noisy-neighbour benchmark'
 	@echo 'make clean   remove target/ and dist/ (keeps .run/: Redis data, admin token)'
 
 deps:
 	@$(ROOT)/scripts/deps.sh
 
-wasm:
+# $(call build_wasm,<package>): a release wasm32 build of one package, with
+# rustup's target when installed, else Debian's rustc-web recipe.
+define build_wasm
 	@if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET); then \
 	  echo "wasm: rustup toolchain, target $(WASM_TARGET)"; \
-	  $(CARGO) build --release --target $(WASM_TARGET) -p sluice-filter; \
+	  $(CARGO) build --release --target $(WASM_TARGET) -p $(1); \
 	else \
 	  echo "wasm: Debian rustc $$(/usr/bin/rustc --version | cut -d' ' -f2) with -Zbuild-std (no rustup $(WASM_TARGET) target)"; \
 	  PATH=/usr/bin:$$PATH RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
 	    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=$(WASM_LD) \
-	    /usr/bin/cargo build --release --target $(WASM_TARGET) -Zbuild-std=std,panic_abort -p sluice-filter; \
+	    /usr/bin/cargo build --release --target $(WASM_TARGET) -Zbuild-std=std,panic_abort -p $(1); \
 	fi
+endef
+
+wasm:
+	$(call build_wasm,sluice-filter)
 	@mkdir -p $(dir $(DIST_WASM))
 	@cp $(WASM_OUT) $(DIST_WASM)
 	@size=$$(stat -c %s $(DIST_WASM)); \
@@ -80,10 +86,13 @@ BENCH_ARGS ?=
 bench: bench-sluice bench-fairness
 
 # bench-sluice measures the service as shipped: the release profile (LTO).
+# (e), the platform floor, is bench/floor: a filter that only reads a header.
+FLOOR_WASM := $(ROOT)/target/$(WASM_TARGET)/release/sluice_bench_floor.wasm
 bench-sluice: deps wasm
+	$(call build_wasm,sluice-bench-floor)
 	$(CARGO) build --release -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench
 	@echo "bench: load average $$(cut -d' ' -f1-3 /proc/loadavg) (figures are only meaningful on a quiet machine)"
-	@SLUICE_WASM=$(DIST_WASM) SLUICE_BIN=$(ROOT)/target/release/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)" \
+	@SLUICE_WASM=$(DIST_WASM) SLUICE_FLOOR_WASM=$(FLOOR_WASM) SLUICE_BIN=$(ROOT)/target/release/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)" \
 	  $(ROOT)/target/release/sluice-bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 bench-fairness: deps wasm

@@ -60,8 +60,9 @@ pub struct Opts {
     /// Envoy worker counts of the scaling table (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub scale_workers: Vec<u32>,
-    /// Configurations to run (comma-separated keys a,b,c,d).
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d")]
+    /// Configurations to run (comma-separated keys a,b,c,d,e; e is the
+    /// proxy-wasm floor, a filter that only reads a header).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
     pub modes: Vec<String>,
     /// Path requested through Envoy (the demo upstream's echo).
     #[arg(long, default_value = "/v1/models")]
@@ -84,7 +85,12 @@ fn main() {
         .into_iter()
         .filter(|m| opts.modes.iter().any(|k| k == m.key()))
         .filter(|m| {
-            if *m == Mode::Lease && !lease_supported() {
+            if *m == Mode::Floor && stack::floor_wasm().is_none() {
+                results.notes.push(
+                    "(e) proxy-wasm floor: SLUICE_FLOOR_WASM is not set to a built module (make bench-sluice builds it); not measured.".into(),
+                );
+                false
+            } else if *m == Mode::Lease && !lease_supported() {
                 results.notes.push(
                     "(d) lease mode: this build of the filter has no `lease` policy field yet; not measured.".into(),
                 );

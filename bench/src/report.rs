@@ -170,6 +170,20 @@ fn verdict(ok: Option<bool>) -> &'static str {
     }
 }
 
+/// What the platform allows: (e), a proxy-wasm filter that only reads the
+/// tenant header, against (a), and the Sluice modes against (e).
+fn floor_line(r: &Results) -> Option<String> {
+    let floor = r.get(Mode::Floor)?.throughput.rps;
+    let of_floor = |m: Mode| r.get(m).map(|x| x.throughput.rps / floor).filter(|_| floor > 0.0);
+    Some(format!(
+        "platform floor: (e) a proxy-wasm filter that only reads the tenant header runs at {}x of (a); \
+         of (e)'s throughput, (c) exact reaches {}x and (d) lease {}x",
+        opt(r.ratio(Mode::Floor), 3),
+        opt(of_floor(Mode::Exact), 3),
+        opt(of_floor(Mode::Lease), 3)
+    ))
+}
+
 /// The goals of the issue, each with its figure.
 pub fn goals(r: &Results) -> Vec<(String, String, &'static str)> {
     let mut g = Vec::new();
@@ -219,6 +233,9 @@ pub fn summary(r: &Results) -> String {
     for (goal, figure, v) in goals(r) {
         let _ = writeln!(s, "  {goal}: {figure} ({})", v.trim_matches('*'));
     }
+    if let Some(f) = floor_line(r) {
+        let _ = writeln!(s, "  {f}");
+    }
     for n in &r.notes {
         let _ = writeln!(s, "  note: {n}");
     }
@@ -250,6 +267,9 @@ pub fn markdown(r: &Results) -> String {
     for (goal, figure, v) in goals(r) {
         let _ = writeln!(s, "| {goal} | {figure} | {v} |");
     }
+    if let Some(f) = floor_line(r) {
+        let _ = writeln!(s, "\n{f}");
+    }
     let _ = writeln!(
         s,
         "\n## Side by side\n\n| configuration | max req/s | ratio to (a) | 2xx/s | 429 | 503 | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | achieved req/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -278,7 +298,9 @@ pub fn markdown(r: &Results) -> String {
         s,
         "\n(b) is `envoy.filters.http.local_ratelimit` with one token bucket per worker sized never to \
          reject during the run (10,000,000 tokens/s): the cost of the cheapest limiter, not of its 429s. \
-         It is not per tenant and counts nothing across workers or Envoys. The Sluice modes run fail-closed \
+         It is not per tenant and counts nothing across workers or Envoys. (e) is `bench/floor`, a proxy-wasm \
+         filter (same SDK, same V8 runtime) that reads the tenant header and continues: what it costs is the \
+         price of running any Wasm filter, which no Wasm limiter can go under. The Sluice modes run fail-closed \
          with a 2 s callout timeout, so a decision that does not come back is a 503, never an uncounted \
          admission. The capped tenants' 429s are part of each Sluice run ({} of {} tenants). (c) and (d) use the \
          shipped plugin config (`envoy/envoy.yaml`); (d) adds `\"lease\": {{\"max_units\": 64}}` (ttl 1000 ms) to its \

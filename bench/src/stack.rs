@@ -13,6 +13,9 @@ pub enum Mode {
     NoLimiter,
     /// (b) Envoy's built-in `envoy.filters.http.local_ratelimit`.
     LocalRateLimit,
+    /// (e) The platform floor: a proxy-wasm filter that only reads the
+    /// tenant header (bench/floor), the least any Wasm limiter costs.
+    Floor,
     /// (c) Sluice, one callout per request.
     Exact,
     /// (d) Sluice with quota leases.
@@ -20,12 +23,13 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::NoLimiter, Mode::LocalRateLimit, Mode::Exact, Mode::Lease];
+    pub const ALL: [Mode; 5] = [Mode::NoLimiter, Mode::LocalRateLimit, Mode::Floor, Mode::Exact, Mode::Lease];
 
     pub fn key(self) -> &'static str {
         match self {
             Mode::NoLimiter => "a",
             Mode::LocalRateLimit => "b",
+            Mode::Floor => "e",
             Mode::Exact => "c",
             Mode::Lease => "d",
         }
@@ -35,6 +39,7 @@ impl Mode {
         match self {
             Mode::NoLimiter => "(a) Envoy, no limiter",
             Mode::LocalRateLimit => "(b) Envoy local_ratelimit",
+            Mode::Floor => "(e) proxy-wasm floor",
             Mode::Exact => "(c) Sluice exact",
             Mode::Lease => "(d) Sluice lease",
         }
@@ -44,6 +49,7 @@ impl Mode {
         match self {
             Mode::NoLimiter => "(a) no limiter",
             Mode::LocalRateLimit => "(b) local_ratelimit",
+            Mode::Floor => "(e) wasm floor",
             Mode::Exact => "(c) exact",
             Mode::Lease => "(d) lease",
         }
@@ -132,8 +138,11 @@ impl Stack {
         opts.replace_wasm_filter = match mode {
             Mode::NoLimiter => Some(vec![]),
             Mode::LocalRateLimit => Some(vec![local_ratelimit_filter()]),
-            Mode::Exact | Mode::Lease => None,
+            Mode::Floor | Mode::Exact | Mode::Lease => None,
         };
+        if mode == Mode::Floor {
+            opts.wasm_path = floor_wasm();
+        }
         let envoy = Envoy::start(opts);
         Stack { mode, envoy, upstream, service, _redis: redis }
     }
@@ -228,4 +237,11 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The floor module (`SLUICE_FLOOR_WASM`, set by `make bench-sluice`).
+pub fn floor_wasm() -> Option<std::path::PathBuf> {
+    std::env::var_os("SLUICE_FLOOR_WASM")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_file())
 }
