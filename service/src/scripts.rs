@@ -628,8 +628,9 @@ return out
 /// ARGV[10] usage rollup prefix       ARGV[11] usage retention in seconds
 /// ARGV[12] marker lifetime in ms (the request's remaining lifetime)
 /// returns  {verdict allow|charged|quota, tier, n, then n rows as CHECK's
-///           (9 fields), reset}; reset: epoch s when the exceeded windows
-///           reset (0 unless quota)
+///           (9 fields), reset, day}; reset: epoch s when the exceeded
+///           windows reset (0 unless quota); day: YYYYMMDD of the usage
+///           rollup (for the day's usage index)
 /// ```
 /// The same limits as CHECK (overrides, custom limits, cost weight, route
 /// and token windows). Token estimates of queued requests are charged as
@@ -713,6 +714,7 @@ for _, c in ipairs(checks) do
   end
 end
 table.insert(out, reset)
+table.insert(out, w.day.id)
 return out
 "#
 );

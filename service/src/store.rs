@@ -1400,6 +1400,7 @@ fn parse_charge(reply: Value) -> Result<ScriptDecision, StoreError> {
     let tier = as_text(f.next()?)?;
     let rows = parse_rows(&mut f)?;
     let extra = as_u64(f.next()?)?;
+    let day = as_text(f.next()?)?;
     Ok(ScriptDecision {
         allowed: verdict.allowed(),
         tier,
@@ -1408,7 +1409,7 @@ fn parse_charge(reply: Value) -> Result<ScriptDecision, StoreError> {
         storage: None,
         shadow: false,
         pool: None,
-        day: String::new(),
+        day,
         cost: 0,
         verdict,
         extra,

@@ -399,6 +399,25 @@ fn queued_requests_survive_a_service_restart_in_async_mode() {
 }
 
 #[test]
+fn a_request_dispatched_from_the_queue_lists_its_tenant_in_the_days_usage_index() {
+    let mut q = start(Opts { workers: 0, ..Opts::default() });
+    q.drain_bucket("only-queued");
+    let l = q.queue_async("only-queued", &[]);
+    // As if the check had been made on an earlier day (a request deferred
+    // to the day's reset): today's index does not list the tenant.
+    let index = q._redis.cmd(&["KEYS", "sluice:{g}:u:idx:*"]).strings();
+    assert_eq!(index.len(), 1, "{index:?}");
+    q._redis.cmd(&["DEL", &index[0]]);
+    q.service.restart_with_workers(1);
+    assert_eq!(q.result(&l, "only-queued", Duration::from_secs(15)).status, 200);
+    poll("the dispatch indexes the tenant", Duration::from_secs(5), || {
+        q._redis.cmd(&["SISMEMBER", &index[0], "only-queued"]).as_i64() == Some(1)
+    });
+    let export = q.service.admin("GET", "/v1/admin/usage?format=json", None);
+    assert!(export.text().contains("only-queued"), "the all-tenant export lists it: {}", export.text());
+}
+
+#[test]
 fn a_timed_out_wait_mode_request_gets_503_queue_timeout_and_is_never_dispatched_later() {
     let mut q = start(Opts { workers: 0, policy: json!({"max_wait_ms": 700}), ..Opts::default() });
     q.drain_bucket("late");

@@ -104,6 +104,12 @@ async fn dispatch(q: &Arc<Queue>, up: &Upstream, item: Leased) {
         Ok(d) => d,
         Err(e) => return give_back_after_error(q, up, &item, &e).await,
     };
+    // The day's usage rollup now has this tenant (admitted or denied at
+    // dispatch): list it in the day's index, as a direct check does, so an
+    // all-tenant export includes work that only went through the queue.
+    if !charged.day.is_empty() {
+        q.app.index_usage(&charged.day, &item.tenant);
+    }
     match charged.verdict {
         Verdict::Allow | Verdict::Charged => {}
         _ => {
