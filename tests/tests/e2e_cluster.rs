@@ -115,3 +115,47 @@ fn several_redis_urls_without_the_cluster_flag_are_a_config_error_naming_the_fla
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("cluster"));
 }
+
+#[test]
+fn token_reservations_and_quota_leases_work_on_a_three_node_cluster() {
+    let cluster = RedisCluster::start(3);
+    let s = cluster_service(&cluster);
+    let post = |path: &str, body: serde_json::Value| {
+        sluice_tests::http::send_json(s.addr(), "POST", path, &[], &body).expect("the service answers")
+    };
+
+    // A token budget: the estimate is reserved with the check, the real
+    // usage replaces it (CHECK and USAGE scripts on the tenant's node).
+    let r = s.admin("PUT", "/v1/admin/tenants/tok/limits", Some(&json!({"tokens_hour": 1000})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let c = post("/v1/check", json!({"tenant": "tok", "tokens": 600}));
+    assert_eq!(c.status, 200, "{}", c.text());
+    assert_eq!(c.json()["allowed"], true, "{}", c.text());
+    let id = c.json()["reservation"]["id"].as_str().expect("a reservation").to_string();
+    let over = post("/v1/check", json!({"tenant": "tok", "tokens": 600}));
+    assert_eq!(over.json()["allowed"], false, "600 + 600 > 1000: {}", over.text());
+    let u = post("/v1/usage", json!({"tenant": "tok", "reservation": id, "total_tokens": 250, "complete": true}));
+    assert_eq!(u.status, 200, "{}", u.text());
+    assert_eq!(u.json()["status"], "settled", "{}", u.text());
+    assert_eq!(u.json()["charged"], 250, "{}", u.text());
+    let after = post("/v1/check", json!({"tenant": "tok", "tokens": 600}));
+    assert_eq!(after.json()["allowed"], true, "250 + 600 fit once the usage replaced the estimate: {}", after.text());
+
+    // A lease: charged with the check, what it did not spend given back
+    // (LEASE_RETURN over the tenant's counters, one slot).
+    let r = s.admin("PUT", "/v1/admin/tenants/lz/limits", Some(&json!({"hour": 100})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let c = post("/v1/check", json!({"tenant": "lz", "cost": 1, "lease": {"want": 8}}));
+    assert_eq!(c.status, 200, "{}", c.text());
+    let body = c.json();
+    let grant = &body["lease"];
+    let units = grant["units"].as_u64().unwrap_or_else(|| panic!("a lease is granted: {body}"));
+    assert!(units >= 1, "{body}");
+    let hour = |s: &Service| s.admin("GET", "/v1/admin/tenants/lz", None).json()["windows"][0]["current"].as_u64();
+    assert_eq!(hour(&s), Some(1 + units), "the lease is charged when granted");
+    let ret = json!({"returns": [{"tenant": "lz", "units": units, "spent": 0, "day": grant["day"], "charged": grant["charged"]}]});
+    let r = post("/v1/lease/return", ret);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["returned"], units, "{}", r.text());
+    assert_eq!(hour(&s), Some(1), "unspent units went back");
+}
