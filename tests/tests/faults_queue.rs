@@ -10,6 +10,10 @@
 //!   killed with SIGKILL and never comes back; another replica's worker
 //!   takes the request over when the lease expires (same `x-request-id`),
 //!   serves the backlog, and nothing stays in flight.
+//! - H19, cut off: the replica whose worker is dispatching loses its path
+//!   to Redis (black-holed) and can not store the answer; another replica
+//!   takes the request over when the lease expires (same `x-request-id`),
+//!   and the first resumes by itself once the path heals.
 //! - Envoy killed with SIGKILL with async and wait-mode requests queued,
 //!   then restarted: async requests complete and are readable through the
 //!   new Envoy; wait-mode clients lose their connection and their queued
@@ -22,7 +26,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use sluice_tests::{http, DemoUpstream, Envoy, EnvoyOpts, Redis, Response, Service, ServiceOpts};
+use sluice_tests::{http, DemoUpstream, Envoy, EnvoyOpts, Proxy, Redis, Response, Service, ServiceOpts};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -194,6 +198,62 @@ fn h19_a_replica_sigkilled_mid_dispatch_is_taken_over_by_another_replica_within_
     assert_eq!((s["depth"].as_u64(), s["in_flight"].as_u64()), (Some(0), Some(0)), "the dead replica's slot was released: {s}");
     assert_eq!(metric(&b, "sluice_queue_requeued_total", &[("upstream", "gpu"), ("reason", "lease_expired")]), 1.0);
     assert_eq!(hour_used(&b, "h19r"), 5, "H05: the replay was not charged again");
+}
+
+#[test]
+fn h19_a_replica_cut_off_from_redis_mid_dispatch_is_taken_over_within_the_lease_and_resumes_when_healed() {
+    let redis = Redis::start();
+    let upstream = DemoUpstream::start();
+    // The slow dispatch (5 s) outlasts B's start on a loaded machine, so A is
+    // still inside it when its path to Redis is cut.
+    let gpu_cfg = json!({"rate": 2, "burst": 1, "dispatch_timeout_ms": 6000, "lease_ms": 6500});
+    // A reaches Redis through a proxy that can black-hole the path (nothing
+    // is closed: packets just stop), B directly.
+    let proxy = Proxy::start(redis.addr());
+    let a = Service::start(
+        &proxy.redis_url(),
+        ServiceOpts {
+            upstreams: Some(upstreams(&upstream, gpu_cfg.clone())),
+            queue: true,
+            workers: Some(1),
+            redis_timeout_ms: Some(500),
+            ..ServiceOpts::default()
+        },
+    );
+    let envoy = envoy_for(&a, &upstream);
+    drain_bucket(&envoy, "drain");
+    let slow = queue_async(&envoy, "h19c", &[("x-demo-delay-ms", "5000")]);
+    let rest: Vec<String> = (0..3).map(|_| queue_async(&envoy, "h19c", &[])).collect();
+    poll("A's worker dispatches the slow request", Duration::from_secs(15), || seen(&upstream, &slow) == 1);
+
+    let b = queue_service(&redis, &upstream, gpu_cfg, 1);
+    proxy.black_hole();
+    // A's worker gets its answer but can not store it; when the lease ends,
+    // B's worker puts the request back and replays it with the same id.
+    let queue_b = b.queue_addr().unwrap();
+    let r = result(queue_b, &slow, "h19c", Duration::from_secs(30));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["request_id"], slow.as_str());
+    assert_eq!(seen(&upstream, &slow), 2, "replayed once by B, with the same x-request-id");
+    for id in &rest {
+        let r = result(queue_b, id, "h19c", Duration::from_secs(30));
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
+        assert_eq!(seen(&upstream, id), 1, "{id}: once");
+    }
+
+    // Healed, A is ready again by itself and dispatches nothing twice.
+    proxy.heal();
+    poll("A is ready again", Duration::from_secs(15), || a.get("/readyz").status == 200);
+    // Envoy's checks go to A: decided (rate-limit headers), not failed open.
+    let r = envoy.request("GET", "/v1/models", &[("x-tenant-id", "h19c-after")], None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("99"), "A decided it: {:?}", r.headers);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(seen(&upstream, &slow), 2, "A never sent the taken-over request again");
+    let s = stats(&b);
+    assert_eq!((s["depth"].as_u64(), s["in_flight"].as_u64()), (Some(0), Some(0)), "nothing stuck: {s}");
+    assert_eq!(metric(&b, "sluice_queue_requeued_total", &[("upstream", "gpu"), ("reason", "lease_expired")]), 1.0);
+    assert_eq!(hour_used(&b, "h19c"), 4, "H05: the replay was not charged again");
 }
 
 #[test]
