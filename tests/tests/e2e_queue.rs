@@ -242,6 +242,21 @@ fn async_mode_answers_202_with_a_location_and_the_answer_is_readable_only_by_its
 }
 
 #[test]
+fn an_async_result_expires_after_the_upstreams_result_ttl() {
+    let q = start(Opts { gpu: json!({"result_ttl_s": 1}), ..Opts::default() });
+    q.drain_bucket("ttl");
+    let location = q.queue_async("ttl", &[]);
+    let r = q.result(&location, "ttl", Duration::from_secs(10));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let key = format!("sluice:{{u:gpu}}:it:{}", id_of(&location));
+    let ttl = q._redis.cmd(&["PTTL", &key]).as_i64().unwrap();
+    assert!(ttl > 0 && ttl <= 1000, "the stored answer lives result_ttl_s: PTTL {ttl}");
+    poll("the result expires", Duration::from_secs(5), || q.read(&location, "ttl").status == 404);
+    assert_eq!(q.read(&location, "ttl").json()["error"], "not_found");
+    assert_eq!(q.seen(&id_of(&location)), 1);
+}
+
+#[test]
 fn bounds_answer_queue_full_429_and_system_overloaded_503_with_retry_after() {
     let q = start(Opts {
         workers: 0,
