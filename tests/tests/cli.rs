@@ -162,3 +162,38 @@ fn cli_errors_show_the_api_message_and_exit_non_zero() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    i64::try_from(d.as_millis()).unwrap()
+}
+
+#[test]
+fn cli_overrides_last_seven_days_by_default_or_until_a_time_revoke_all_at_once_and_the_audit_filters_by_time() {
+    let redis = Redis::start();
+    let svc = Service::start(&redis.url(), ServiceOpts::default());
+    let cli = Cli::new(&svc);
+    let before = now_ms() - 1_000;
+
+    let v = cli.json(&["grant-override", "t7", "hour=900"]);
+    let until = v["overrides"]["hour"]["until_ms"].as_i64().unwrap_or_else(|| panic!("{v}"));
+    let week = 7 * 86_400_000;
+    assert!((until - (now_ms() + week)).abs() < 60_000, "the default is 7 days: {v}");
+    let two_days = now_ms() + 2 * 86_400_000;
+    let v = cli.json(&["grant-override", "t7", "day=9000", "--until", &two_days.to_string()]);
+    assert_eq!(v["overrides"]["day"]["until_ms"], two_days, "{v}");
+    assert_eq!(v["overrides"]["hour"]["value"], 900, "{v}");
+
+    // No limit named: every override goes.
+    let v = cli.json(&["revoke-override", "t7"]);
+    let left = v["overrides"].as_object().map_or(0, serde_json::Map::len);
+    assert_eq!(left, 0, "{v}");
+    assert_eq!(v["limits"]["hour"]["source"], "tier", "{v}");
+
+    let since = cli.json(&["audit", "--tenant", "t7", "--since", &before.to_string()]);
+    assert_eq!(since["count"], 3, "two grants and one revoke: {since}");
+    let until = cli.json(&["audit", "--tenant", "t7", "--until", &before.to_string()]);
+    assert_eq!(until["count"], 0, "nothing before the test: {until}");
+    let table = cli.ok(&["audit", "--tenant", "t7", "--since", &before.to_string()]);
+    assert!(table.contains("grant_override") && table.contains("revoke_override"), "{table}");
+}
