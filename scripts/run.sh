@@ -122,23 +122,25 @@ Sluice is up. Logs: .run/logs/   Ctrl-C stops everything.
 
   admin token (.run/admin-token): $ADMIN_TOKEN
 
-  # a request as tenant acme (cost 2: the chat policy)
-  curl -i localhost:$ENVOY_PORT/v1/chat/completions -H 'x-tenant-id: acme' \\
+  T=demo-\$(date +%s)    # a fresh free-tier tenant (100 requests an hour)
+  # a request (cost 2: the chat policy)
+  curl -i localhost:$ENVOY_PORT/v1/chat/completions -H "x-tenant-id: \$T" \\
        -H 'content-type: application/json' -d '{"model":"gpt-3.5-turbo","messages":[]}'
   # no tenant header: 401; exempt path: no quota
   curl -i localhost:$ENVOY_PORT/v1/models
   curl -i localhost:$ENVOY_PORT/healthz
-  # flood the free tier (100/hour): 100 admitted, then 429
-  T=flood-\$(date +%s)
-  for i in \$(seq 1 101); do curl -s -o /dev/null -w '%{http_code}\\n' localhost:$ENVOY_PORT/v1/models -H "x-tenant-id: \$T"; done | sort | uniq -c
+  # flood a fresh free-tier tenant (100/hour): 100 admitted, then 429
+  F=flood-\$(date +%s)
+  for i in \$(seq 1 101); do curl -s -o /dev/null -w '%{http_code}\\n' localhost:$ENVOY_PORT/v1/models -H "x-tenant-id: \$F"; done | sort | uniq -c
   # admin: see and change a tenant
-  curl -s localhost:8081/v1/admin/tenants/\$T -H "authorization: Bearer $ADMIN_TOKEN"
-  curl -s -X PUT localhost:8081/v1/admin/tenants/\$T/tier -H "authorization: Bearer $ADMIN_TOKEN" \\
+  curl -s localhost:8081/v1/admin/tenants/\$F -H "authorization: Bearer $ADMIN_TOKEN"
+  curl -s -X PUT localhost:8081/v1/admin/tenants/\$F/tier -H "authorization: Bearer $ADMIN_TOKEN" \\
        -H 'content-type: application/json' -d '{"tier":"pro"}'
   # the gpu route has a capacity of 5 requests/s (envoy/upstreams.json): overflow waits in the queue
-  for i in \$(seq 1 20); do curl -s -o /dev/null -w '%{http_code} %{time_total}s\\n' localhost:$ENVOY_PORT/v1/gpu/run -H 'x-tenant-id: acme' & done; wait
-  # async: 202 with a Location, then the upstream's answer
-  curl -si localhost:$ENVOY_PORT/v1/gpu/run -H 'x-tenant-id: acme' -H 'prefer: respond-async'
+  for i in \$(seq 1 20); do curl -s -o /dev/null -w '%{http_code} %{time_total}s\\n' localhost:$ENVOY_PORT/v1/gpu/run -H "x-tenant-id: \$T" & done; wait
+  # async: 202 + Location only for a request that overflows, so send it during a burst
+  for i in \$(seq 1 20); do curl -s -o /dev/null localhost:$ENVOY_PORT/v1/gpu/run -H "x-tenant-id: \$T" & done
+  curl -si localhost:$ENVOY_PORT/v1/gpu/run -H "x-tenant-id: \$T" -H 'prefer: respond-async'; wait
   curl -s localhost:8081/v1/queue/stats
   # filter counters
   curl -s localhost:$ADMIN_PORT/stats/prometheus | grep '^sluice_'

@@ -99,21 +99,28 @@ enum AdminCommand {
     DefaultTier { name: String },
     /// Show the audit log (newest first).
     Audit {
+        /// Only changes to this tenant.
         #[arg(long)]
         tenant: Option<String>,
+        /// Only changes by this actor (X-Admin-Actor or the token's name).
         #[arg(long = "by")]
         actor: Option<String>,
+        /// Only this action, e.g. set_tier, grant_override, put_tier.
         #[arg(long)]
         action: Option<String>,
+        /// From this time on: epoch ms, RFC 3339 or YYYY-MM-DD.
         #[arg(long)]
         since: Option<String>,
+        /// Up to this time: epoch ms, RFC 3339 or YYYY-MM-DD.
         #[arg(long)]
         until: Option<String>,
+        /// At most this many entries (default 100).
         #[arg(long)]
         limit: Option<usize>,
     },
     /// Export daily usage (JSON or CSV).
     Usage {
+        /// Only this tenant (default: every tenant with usage).
         #[arg(long)]
         tenant: Option<String>,
         /// First day, YYYY-MM-DD (default: --to).

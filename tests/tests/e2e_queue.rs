@@ -414,7 +414,7 @@ fn queued_requests_survive_a_service_restart_in_async_mode() {
 }
 
 #[test]
-fn a_request_dispatched_from_the_queue_lists_its_tenant_in_the_days_usage_index() {
+fn a_request_dispatched_from_the_queue_lists_its_tenant_in_the_days_usage_index_and_utilisation() {
     let mut q = start(Opts { workers: 0, ..Opts::default() });
     q.drain_bucket("only-queued");
     let l = q.queue_async("only-queued", &[]);
@@ -430,6 +430,9 @@ fn a_request_dispatched_from_the_queue_lists_its_tenant_in_the_days_usage_index(
     });
     let export = q.service.admin("GET", "/v1/admin/usage?format=json", None);
     assert!(export.text().contains("only-queued"), "the all-tenant export lists it: {}", export.text());
+    // The restarted replica decided no check for it: the gauge comes from the dispatch.
+    let used = metric(&q.service, "sluice_tenant_quota_utilization_ratio", &[("tenant", "only-queued"), ("window", "hour")]);
+    assert!((used - 0.02).abs() < 1e-9, "2 of the free tier's 100 an hour: {used}");
 }
 
 #[test]

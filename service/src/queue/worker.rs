@@ -131,7 +131,11 @@ async fn dispatch(q: &Arc<Queue>, up: &Upstream, item: Leased) {
             return complete(q, up, &item, leased_at, &answer, true).await;
         }
     }
-    let limits = reply::admitted_headers(&decision::respond(charged, item.tokens, item.policy.as_deref(), None));
+    let resp = decision::respond(charged, item.tokens, item.policy.as_deref(), None);
+    // Queued work is charged here, not at the check: keep the tenant's
+    // utilisation gauge as current as a direct decision would.
+    m.utilisation(&item.tenant, &resp.windows, q.offset_ms());
+    let limits = reply::admitted_headers(&resp);
 
     let mut stop = q.stop.clone();
     let send = send(q, up, &item);
