@@ -716,6 +716,7 @@ impl Request {
             }
         }
         let stripped = !internal.is_empty();
+        let first_internal = internal.first().and_then(|n| std::str::from_utf8(n).ok()).unwrap_or("x-sluice-*").to_string();
         for name in internal {
             if let Ok(name) = std::str::from_utf8(name) {
                 host::set_header(MapType::HttpRequestHeaders, name, None);
@@ -725,6 +726,18 @@ impl Request {
             // Envoy may already have picked a route with the client's
             // header (e.g. a forged x-sluice-pool): pick it again without.
             host::foreign("clear_route_cache");
+            // But the route name and metadata Envoy shows the filter stay
+            // those of the first pick: a policy chosen by them could be
+            // skipped. The shipped configs drop these headers before
+            // routing (early_header_mutation_extensions); without that,
+            // refuse rather than price the request by a forged route.
+            if config.has_named_policies() {
+                self.metrics.inc(Metric::InvalidRequest);
+                return self.finish(decision::invalid_request(
+                    &first_internal,
+                    "is an internal Sluice header and must not be sent by clients",
+                ));
+            }
         }
 
         let path = std::str::from_utf8(path).unwrap_or("/");

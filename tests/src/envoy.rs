@@ -55,6 +55,9 @@ pub struct EnvoyOpts {
     /// filters (Envoy filter JSON; empty = no limiter at all), for the
     /// baselines of `make bench`. `None` keeps the shipped filter.
     pub replace_wasm_filter: Option<Vec<Value>>,
+    /// `false` drops the shipped config's early header mutation (a
+    /// deployment that lets clients' `x-sluice-*` headers reach routing).
+    pub early_header_mutation: bool,
 }
 
 impl EnvoyOpts {
@@ -76,6 +79,7 @@ impl EnvoyOpts {
             log_level: "info".to_string(),
             component_log_level: Some("wasm:debug".to_string()),
             replace_wasm_filter: None,
+            early_header_mutation: true,
         }
     }
 }
@@ -194,6 +198,11 @@ pub fn render_config(opts: &EnvoyOpts, listener_port: u16, admin_port: u16) -> V
     }
     if !opts.extra_clusters.is_empty() {
         clusters_mut(&mut config).extend(opts.extra_clusters.iter().cloned());
+    }
+    if !opts.early_header_mutation {
+        if let Some(hcm) = hcm_mut(&mut config).as_object_mut() {
+            hcm.remove("early_header_mutation_extensions");
+        }
     }
     config
 }

@@ -346,3 +346,41 @@ fn a_forged_queue_routing_header_on_a_queue_route_skips_no_quota_and_queued_bodi
             == Some(1.0)
     );
 }
+
+/// A route policy picked by route metadata (the shipped `batch`: cost 10,
+/// 20 a day) for a client that names the queue route in its own headers.
+fn forged_batch(envoy: &Envoy, tenant: &str) -> sluice_tests::Response {
+    let h = [("x-tenant-id", tenant), ("x-sluice-queue", "gpu"), ("x-sluice-ticket", "0123456789abcdef0123456789abcdef")];
+    envoy.request("GET", "/v1/batch/job", &h, None)
+}
+
+#[test]
+fn a_forged_queue_header_never_changes_the_route_policy_that_prices_a_request() {
+    // Shipped config: the header is dropped before Envoy routes, so the
+    // batch route (and its policy) is the one that prices the request.
+    let (_redis, upstream, service, envoy) = queue_stack();
+    let statuses: Vec<u16> = (0..3).map(|_| forged_batch(&envoy, "batcher").status).collect();
+    assert_eq!(statuses, [200, 200, 429], "cost 10 against the batch policy's 20 a day");
+    let r = forged_batch(&envoy, "batcher");
+    assert!(r.header("ratelimit").is_some_and(|v| v.contains("batch-day")), "{:?}", r.headers);
+    assert_eq!(admitted(&upstream, "batcher"), 2);
+    assert_eq!(hour_used(&service, "batcher"), 20);
+    drop(envoy);
+
+    // A deployment without the early header removal: Envoy routed on the
+    // client's header and describes that route to the filter, so the filter
+    // refuses the request instead of pricing it by the wrong policy.
+    let mut eo = EnvoyOpts::new(plugin_config(json!({"timeout_ms": 2000})), service.addr(), upstream.addr());
+    eo.queue_addr = service.queue_addr();
+    eo.early_header_mutation = false;
+    let bare = Envoy::start(eo);
+    let r = forged_batch(&bare, "batcher2");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"], "invalid_request");
+    assert_eq!(r.json()["field"], "x-sluice-queue", "{}", r.text());
+    assert_eq!(admitted(&upstream, "batcher2"), 0);
+    // Without forged headers, the same Envoy prices batch as usual.
+    let ok = bare.request("GET", "/v1/batch/job", &[("x-tenant-id", "batcher2")], None);
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(hour_used(&service, "batcher2"), 10);
+}
