@@ -56,6 +56,9 @@ pub struct CostRules {
     pub max_body_bytes: usize,
     fallback_units: u64,
     fallback_tokens: u64,
+    /// `unpriceable: reject`: a body over `max_body_bytes` is a 413 and one
+    /// that is not a JSON object a 400, instead of the fallback price.
+    pub reject_unpriceable: bool,
     /// Charge standard units (instead of the plain `cost`) to the query windows.
     pub charge_units: bool,
     /// Reserve the token estimate in the token windows and reconcile it.
@@ -92,10 +95,12 @@ pub struct Estimate {
 pub struct BodyError {
     pub field: String,
     pub message: String,
+    /// The body was over `max_body_bytes` (-> 413, not 400).
+    pub too_large: bool,
 }
 
 fn bad<T>(field: &str, message: impl Into<String>) -> Result<T, BodyError> {
-    Err(BodyError { field: field.to_string(), message: message.into() })
+    Err(BodyError { field: field.to_string(), message: message.into(), too_large: false })
 }
 
 const RULE_FIELDS: &[&str] = &[
@@ -109,6 +114,7 @@ const RULE_FIELDS: &[&str] = &[
     "max_body_bytes",
     "fallback_units",
     "fallback_tokens",
+    "unpriceable",
     "charge_units",
     "reserve_tokens",
     "usage_header",
@@ -167,6 +173,11 @@ pub fn compile_rules(v: &Value, path: &str) -> Result<CostRules, ConfigError> {
     let max_body_bytes = config::opt_positive(o, "max_body_bytes", &f("max_body_bytes"), MAX_BODY_CAP)?.unwrap_or(256 * 1024);
     let fallback_units = config::opt_positive(o, "fallback_units", &f("fallback_units"), MAX_UNITS)?.unwrap_or(10);
     let fallback_tokens = config::opt_positive(o, "fallback_tokens", &f("fallback_tokens"), MAX_TOKENS)?.unwrap_or(4096);
+    let reject_unpriceable = match config::opt_str(o, "unpriceable", &f("unpriceable"))? {
+        None | Some("fallback") => false,
+        Some("reject") => true,
+        Some(_) => return config::err(&f("unpriceable"), "must be \"fallback\" or \"reject\""),
+    };
     let flag = |k: &str| -> Result<bool, ConfigError> {
         match o.get(k) {
             None => Ok(false),
@@ -204,6 +215,7 @@ pub fn compile_rules(v: &Value, path: &str) -> Result<CostRules, ConfigError> {
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(256 * 1024),
         fallback_units,
         fallback_tokens,
+        reject_unpriceable,
         charge_units,
         reserve_tokens,
         usage_header,
@@ -258,10 +270,21 @@ impl CostRules {
     /// The cost of one request. `base_cost` is the policy's `cost`.
     pub fn estimate(&self, base_cost: u64, body: Body<'_>) -> Result<Estimate, BodyError> {
         let bytes = match body {
-            Body::Missing | Body::TooLarge | Body::Bytes([]) => return Ok(self.fallback(base_cost)),
+            Body::Missing | Body::Bytes([]) => return Ok(self.fallback(base_cost)),
+            Body::TooLarge if self.reject_unpriceable => {
+                return Err(BodyError {
+                    field: "body".into(),
+                    message: format!("larger than this route's max_body_bytes ({}), which it prices requests by", self.max_body_bytes),
+                    too_large: true,
+                })
+            }
+            Body::TooLarge => return Ok(self.fallback(base_cost)),
             Body::Bytes(b) => b,
         };
         let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(bytes) else {
+            if self.reject_unpriceable {
+                return bad("body", "must be a JSON object this route can price (at most 128 levels deep)");
+            }
             return Ok(self.fallback(base_cost));
         };
         let model = match o.get("model") {
@@ -479,6 +502,23 @@ mod tests {
         }
         let only_tokens = rules(json!({"reserve_tokens": true}));
         assert_eq!(only_tokens.estimate(3, Body::Missing).unwrap().units, 3, "without charge_units the plain cost applies");
+    }
+
+    #[test]
+    fn with_unpriceable_reject_oversized_and_unparseable_bodies_are_refused_never_priced_at_the_fallback() {
+        let r = rules(json!({"charge_units": true, "unpriceable": "reject", "fallback_units": 7}));
+        let e = r.estimate(3, Body::TooLarge).unwrap_err();
+        assert_eq!((e.field.as_str(), e.too_large), ("body", true));
+        let mut deep = "[".repeat(200);
+        deep.push_str(&"]".repeat(200));
+        let nested = format!("{{\"model\":\"gpt-4\",\"max_tokens\":100000,\"x\":{deep}}}");
+        for body in [b"not json".as_slice(), b"[1,2]", b"\xff\xfe", nested.as_bytes()] {
+            let e = r.estimate(3, Body::Bytes(body)).unwrap_err();
+            assert_eq!((e.field.as_str(), e.too_large), ("body", false), "{:?}", String::from_utf8_lossy(body));
+        }
+        // Nothing hidden in a request without a body: the fallback still applies.
+        assert_eq!(r.estimate(3, Body::Missing).unwrap().units, 7);
+        assert_eq!(compile_rules(&json!({"charge_units": true, "unpriceable": "maybe"}), "p.cost_rules").unwrap_err().field, "p.cost_rules.unpriceable");
     }
 
     #[test]

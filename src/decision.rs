@@ -257,6 +257,11 @@ pub fn invalid_request(field: &str, message: &str) -> Outcome {
     )
 }
 
+/// The request body is over what the route reads to price it.
+pub fn payload_too_large(message: &str) -> Outcome {
+    reply(413, Vec::new(), &json!({"error": "payload_too_large", "message": format!("body: {message}"), "field": "body"}))
+}
+
 fn reply(status: u16, headers: Headers, body: &Value) -> Outcome {
     let r = reply::json_reply(status, headers, body);
     Outcome::Reply { status: u32::from(r.status), headers: r.headers, body: r.body }

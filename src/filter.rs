@@ -854,7 +854,11 @@ impl Request {
             }
             Err(e) => {
                 self.metrics.inc(Metric::InvalidRequest);
-                self.finish(decision::invalid_request(&e.field, &e.message))
+                if e.too_large {
+                    self.finish(decision::payload_too_large(&e.message))
+                } else {
+                    self.finish(decision::invalid_request(&e.field, &e.message))
+                }
             }
         }
     }

@@ -395,3 +395,36 @@ fn queue_endpoints_answer_malformed_ids_methods_tenants_and_queries_with_a_json_
     assert_eq!(admitted(&upstream, "forger"), 0);
     assert_vm_alive(&envoy);
 }
+
+#[test]
+fn with_unpriceable_reject_padded_or_unparseable_bodies_are_refused_not_priced_at_the_fallback() {
+    let mut c = token_config();
+    for p in c["policies"].as_array_mut().unwrap() {
+        if p["name"] == "chat" {
+            p["cost_rules"]["unpriceable"] = json!("reject");
+        }
+    }
+    let s = Stack::with(c, 1);
+    let chat = "/v1/chat/echo";
+    let before = s.callouts();
+    // An expensive request padded past max_body_bytes (64 KiB) to buy the
+    // fallback price: 413, nothing checked, charged or forwarded.
+    let mut padded = br#"{"model":"gpt-4","max_tokens":100000,"messages":[{"role":"user","content":"hi"}]"#.to_vec();
+    padded.extend(std::iter::repeat_n(b' ', 70 * 1024));
+    padded.push(b'}');
+    let r = post(&s.envoy, chat, "padder", &padded);
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!((r.json()["error"].clone(), r.json()["field"].clone()), (json!("payload_too_large"), json!("body")));
+    // Valid JSON for a lenient upstream, but nested beyond what the filter
+    // parses: 400 naming the body.
+    let deep = format!(r#"{{"model":"gpt-4","max_tokens":100000,"x":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+    let r = post(&s.envoy, chat, "padder", deep.as_bytes());
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["field"], "body");
+    assert_eq!(s.callouts(), before, "nothing reached the quota service");
+    assert_eq!(s.admitted("padder"), 0);
+    // A body it can price still goes through.
+    let r = post(&s.envoy, chat, "padder", br#"{"model":"gpt-3.5-turbo","max_tokens":10,"messages":[]}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_vm_alive(&s.envoy);
+}

@@ -101,10 +101,17 @@ pub fn denial(resp: &CheckResponse) -> Option<Reply> {
 /// 429 for an exhausted quota window or the short-term rate, with every
 /// rate-limit header (remaining 0 on the binding window).
 fn over_limit(resp: &CheckResponse, retry_after: u64) -> Reply {
-    let Some(binding) = resp.windows.get(resp.binding) else {
+    // The binding window has room left only when this request costs more
+    // than that room: it is still the window that refuses it, so its
+    // headers say 0 remaining, as the body does.
+    let mut windows = resp.windows.clone();
+    if let Some(w) = windows.get_mut(resp.binding) {
+        w.remaining = 0;
+    }
+    let Some(binding) = windows.get(resp.binding) else {
         return error(429, "quota_exceeded", "tenant quota exceeded", Some(retry_after));
     };
-    let mut headers = rate_limit_headers(&resp.windows, binding);
+    let mut headers = rate_limit_headers(&windows, binding);
     headers.push(("retry-after", retry_after.to_string()));
     let (code, message) = if resp.reason == Some(Reason::Rate) {
         ("rate_limited", format!("tenant rate exceeded: more than {} requests per second", binding.limit))
@@ -194,6 +201,17 @@ mod tests {
         let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["error"], "rate_limited");
         assert_eq!(v["window"], "second");
+    }
+
+    #[test]
+    fn a_request_costing_more_than_the_room_left_is_refused_with_remaining_zero_in_headers_and_body() {
+        // 100 an hour, 0 used, a request of 200 units: the hour window refuses it.
+        let r = denial(&resp(Some(Reason::Quota), vec![win("hour", Window::Hour, 100, 0, 100)], None)).unwrap();
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r.headers, "x-ratelimit-remaining"), ["0"]);
+        assert!(header(&r.headers, "ratelimit")[0].contains(";r=0;"), "{:?}", r.headers);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["remaining"], 0);
     }
 
     #[test]

@@ -148,8 +148,16 @@ pub fn failed_answer() -> Answer {
     ))
 }
 
-/// The answer of a request whose upstream could not be reached.
+/// What a dispatch that ran past `dispatch_timeout_ms` failed with.
+pub const TIMED_OUT: &str = "timed out";
+
+/// The answer of a request whose upstream could not be reached (`502
+/// upstream_unavailable`) or did not answer within the dispatch timeout
+/// (`504 upstream_timeout`).
 pub fn upstream_error_answer(why: &str) -> Answer {
+    if why == TIMED_OUT {
+        return answer(&reply::error(504, "upstream_timeout", "the upstream did not answer within dispatch_timeout_ms", None));
+    }
     answer(&reply::error(502, "upstream_unavailable", &format!("the upstream could not be reached: {why}"), None))
 }
 
@@ -157,6 +165,16 @@ pub fn upstream_error_answer(why: &str) -> Answer {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dispatch_timeout_is_a_504_and_an_unreachable_upstream_a_502() {
+        let t = upstream_error_answer(TIMED_OUT);
+        assert_eq!(t.status, 504);
+        assert!(String::from_utf8_lossy(&t.body).contains("upstream_timeout"));
+        let u = upstream_error_answer("connection failed");
+        assert_eq!(u.status, 502);
+        assert!(String::from_utf8_lossy(&u.body).contains("upstream_unavailable"));
+    }
 
     #[test]
     fn hop_by_hop_internal_and_replaced_headers_are_not_stored() {

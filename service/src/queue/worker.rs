@@ -254,7 +254,7 @@ async fn send(q: &Queue, up: &Upstream, item: &Leased) -> Result<Answer, String>
 
 fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
-        "timed out".to_string()
+        model::TIMED_OUT.to_string()
     } else if e.is_connect() {
         "connection failed".to_string()
     } else {
