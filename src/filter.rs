@@ -716,7 +716,12 @@ impl Request {
             }
         }
         let stripped = !internal.is_empty();
-        let first_internal = internal.first().and_then(|n| std::str::from_utf8(n).ok()).unwrap_or("x-sluice-*").to_string();
+        // One the routes match on (the shipped configs drop these before routing).
+        let routing = internal
+            .iter()
+            .find(|n| [QUEUE_HEADER, TICKET_HEADER, POOL_HEADER].iter().any(|h| n.eq_ignore_ascii_case(h.as_bytes())))
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .map(str::to_ascii_lowercase);
         for name in internal {
             if let Ok(name) = std::str::from_utf8(name) {
                 host::set_header(MapType::HttpRequestHeaders, name, None);
@@ -731,11 +736,11 @@ impl Request {
             // skipped. The shipped configs drop these headers before
             // routing (early_header_mutation_extensions); without that,
             // refuse rather than price the request by a forged route.
-            if config.has_named_policies() {
+            if let Some(name) = routing.filter(|_| config.has_named_policies()) {
                 self.metrics.inc(Metric::InvalidRequest);
                 return self.finish(decision::invalid_request(
-                    &first_internal,
-                    "is an internal Sluice header and must not be sent by clients",
+                    &name,
+                    "is an internal Sluice routing header and must not be sent by clients",
                 ));
             }
         }
