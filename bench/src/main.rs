@@ -48,9 +48,13 @@ pub struct Opts {
     /// Distinct tenants of the main measurements.
     #[arg(long, default_value_t = 50)]
     pub tenants: usize,
-    /// Connections of the closed loop.
-    #[arg(long, default_value_t = 32)]
-    pub conns: usize,
+    /// Connection counts of the max-throughput closed loop (comma-separated):
+    /// each configuration is measured at each, and its best is its maximum.
+    /// A filter that calls out holds each request longer, so it needs more
+    /// requests in flight than Envoy alone to keep the worker busy (Little's
+    /// law); one fixed count would measure latency, not capacity.
+    #[arg(long, value_delimiter = ',', default_value = "32,128,256")]
+    pub conns: Vec<usize>,
     /// Threads of the load generator.
     #[arg(long, default_value_t = 1)]
     pub load_threads: usize,
@@ -106,16 +110,25 @@ fn main() {
     if !workers_list.contains(&1) {
         workers_list.insert(0, 1);
     }
+    // The connection count of each configuration's best main run: its
+    // scaling cells use it too.
+    let mut best_conns: Vec<(Mode, usize)> = Vec::new();
     for workers in workers_list {
         for &mode in &modes {
             eprintln!("== {} with {workers} Envoy worker(s)", mode.label());
             let mut stack = Stack::start(mode, workers);
             if workers == 1 {
-                results.main.push(run_main(&opts, &mut stack, &main_tenants));
+                let main = run_main(&opts, &mut stack, &main_tenants);
+                best_conns.push((mode, main.conns));
+                results.main.push(main);
             }
+            let conns = best_conns
+                .iter()
+                .find(|(m, _)| *m == mode)
+                .map_or_else(|| opts.max_conns(), |(_, c)| *c);
             if opts.scale_workers.contains(&workers) {
                 for &n in &opts.scale_tenants {
-                    results.scale.push(run_scale(&opts, &mut stack, workers, n));
+                    results.scale.push(run_scale(&opts, &mut stack, workers, n, conns));
                 }
             }
         }
@@ -142,6 +155,13 @@ fn main() {
     }
 }
 
+impl Opts {
+    /// The largest connection count of the sweep.
+    pub fn max_conns(&self) -> usize {
+        self.conns.iter().copied().max().unwrap_or(32)
+    }
+}
+
 fn lease_supported() -> bool {
     let config = stack::bench_plugin_config(Mode::Lease);
     sluice_filter::config::compile(config.to_string().as_bytes()).is_ok()
@@ -155,13 +175,27 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
     }
     let target = Target::new(stack.envoy.listener_addr(), &opts.path, tenants);
     let rss_before = stack.envoy_rss_kib();
-    let _ = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs_f64(opts.warmup_secs));
-    let callouts_before = callouts(stack);
-    let cpu_before = stack.cpu();
-    let throughput = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs_f64(opts.throughput_secs));
-    let cpu = stack.cpu().since(&cpu_before);
-    eprintln!("   max throughput {:.0} req/s ({:?})", throughput.rps, throughput.counts);
-    eprintln!("   cpu seconds: {cpu:?}");
+    let _ = load::closed_loop(&target, opts.max_conns(), opts.load_threads, Duration::from_secs_f64(opts.warmup_secs));
+    // Callouts and CPU are those of the best closed loop.
+    let mut best: Option<(usize, load::Throughput, stack::Cpu, u64)> = None;
+    let mut sweep = Vec::new();
+    for &conns in &opts.conns {
+        let callouts_before = callouts(stack);
+        let cpu_before = stack.cpu();
+        let t = load::closed_loop(&target, conns, opts.load_threads, Duration::from_secs_f64(opts.throughput_secs));
+        let cpu = stack.cpu().since(&cpu_before);
+        let made = callouts(stack).saturating_sub(callouts_before);
+        eprintln!("   {conns} connections: {:.0} req/s ({:?}), cpu seconds {cpu:?}", t.rps, t.counts);
+        sweep.push((conns, t.rps));
+        if best.as_ref().is_none_or(|(_, b, _, _)| t.rps > b.rps) {
+            best = Some((conns, t, cpu, made));
+        }
+    }
+    let Some((conns, throughput, cpu, callouts_made)) = best else {
+        eprintln!("sluice-bench: --conns is empty");
+        std::process::exit(1);
+    };
+    eprintln!("   max throughput {:.0} req/s at {conns} connections", throughput.rps);
     let latency = load::open_loop(&target, opts.rate, Duration::from_secs_f64(opts.latency_secs), 64, opts.load_threads);
     eprintln!(
         "   at {:.0} req/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({:?})",
@@ -183,7 +217,9 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
         enforced: stack.mode.is_sluice(),
         failed_open: stack.filter_counter("sluice.failed_open"),
         failed_closed: stack.filter_counter("sluice.failed_closed"),
-        callouts: callouts(stack).saturating_sub(callouts_before),
+        callouts: callouts_made,
+        conns,
+        sweep,
         envoy_rss_kib_before: rss_before,
         envoy_rss_kib_after: stack.envoy_rss_kib(),
     }
@@ -206,7 +242,7 @@ pub const SCALE_CAP: u64 = 50;
 /// tenant, capped at [`SCALE_CAP`], takes every 50th slot of the rotation so
 /// it runs far past its limit in every cell: over-admission is checked with
 /// 2 workers and many tenants too, not only in the main runs.
-fn run_scale(opts: &Opts, stack: &mut Stack, workers: u32, n: usize) -> ScaleResult {
+fn run_scale(opts: &Opts, stack: &mut Stack, workers: u32, n: usize, conns: usize) -> ScaleResult {
     let capped = format!("s{n}-capped");
     let mut tenants: Vec<String> = Vec::with_capacity(n + n / 49 + 1);
     for i in 0..n {
@@ -218,9 +254,9 @@ fn run_scale(opts: &Opts, stack: &mut Stack, workers: u32, n: usize) -> ScaleRes
     stack.cap(&capped, SCALE_CAP);
     let target = Target::new(stack.envoy.listener_addr(), &opts.path, &tenants);
     let rss_before = stack.envoy_rss_kib();
-    let touched = load::touch_each(&target, opts.conns, opts.load_threads);
-    let _ = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs(1));
-    let t = load::closed_loop(&target, opts.conns, opts.load_threads, Duration::from_secs_f64(opts.scale_secs));
+    let touched = load::touch_each(&target, conns, opts.load_threads);
+    let _ = load::closed_loop(&target, conns, opts.load_threads, Duration::from_secs(1));
+    let t = load::closed_loop(&target, conns, opts.load_threads, Duration::from_secs_f64(opts.scale_secs));
     let rss_after = stack.envoy_rss_kib();
     let capped_admitted = stack
         .upstream_stats()

@@ -34,6 +34,10 @@ pub struct MainResult {
     pub failed_open: u64,
     pub failed_closed: u64,
     pub callouts: u64,
+    /// Connections of the best closed loop (the max throughput).
+    pub conns: usize,
+    /// Every closed loop of the sweep: (connections, req/s).
+    pub sweep: Vec<(usize, f64)>,
     pub envoy_rss_kib_before: u64,
     pub envoy_rss_kib_after: u64,
 }
@@ -100,7 +104,7 @@ pub struct Settings {
     pub latency_secs: f64,
     pub scale_secs: f64,
     pub tenants: usize,
-    pub conns: usize,
+    pub conns: Vec<usize>,
     pub load_threads: usize,
     pub path: String,
 }
@@ -127,7 +131,7 @@ impl Results {
                 latency_secs: opts.latency_secs,
                 scale_secs: opts.scale_secs,
                 tenants: opts.tenants,
-                conns: opts.conns,
+                conns: opts.conns.clone(),
                 load_threads: opts.load_threads,
                 path: opts.path.clone(),
             },
@@ -256,12 +260,13 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "Through real Envoy (`envoy/envoy.yaml` rendered on free ports, 1 worker) to the demo upstream \
-         (`GET {}`), {} tenants round-robin. Max throughput: closed loop, {} keep-alive HTTP/1.1 \
-         connections, {} s after {} s warm-up. Latency: open loop at a constant {:.0} req/s for {} s \
+         (`GET {}`), {} tenants round-robin. Max throughput: the best of closed loops over {} \
+         keep-alive HTTP/1.1 connections (each configuration at each count; the count of its best \
+         is in the sweep table and also drives its scaling cells), {} s each after {} s warm-up. Latency: open loop at a constant {:.0} req/s for {} s \
          (precomputed schedule, latency from each request's intended send time: no coordinated \
          omission). Load generator, Envoy, the upstream, the quota service and Redis share the \
          machine's cores.\n",
-        st.path, st.tenants, st.conns, st.throughput_secs, st.warmup_secs, st.rate, st.latency_secs
+        st.path, st.tenants, st.conns.iter().map(usize::to_string).collect::<Vec<_>>().join(" / "), st.throughput_secs, st.warmup_secs, st.rate, st.latency_secs
     );
     let _ = writeln!(s, "## Goals\n\n| goal | figure | |\n| --- | --- | --- |");
     for (goal, figure, v) in goals(r) {
@@ -308,6 +313,22 @@ pub fn markdown(r: &Results) -> String {
         crate::CAPPED.len(),
         st.tenants
     );
+    let _ = writeln!(s, "## Max throughput by connection count\n");
+    let counts = &st.conns;
+    let _ = writeln!(
+        s,
+        "| configuration | {} | best at |\n| --- |{} ---: |",
+        counts.iter().map(|c| format!("{c} conns")).collect::<Vec<_>>().join(" | "),
+        " ---: |".repeat(counts.len())
+    );
+    for m in &r.main {
+        let cells: Vec<String> = counts
+            .iter()
+            .map(|c| m.sweep.iter().find(|(n, _)| n == c).map_or("n/a".into(), |(_, rps)| format!("{rps:.0}")))
+            .collect();
+        let _ = writeln!(s, "| {} | {} | {} |", m.mode.label(), cells.join(" | "), m.conns);
+    }
+    let _ = writeln!(s);
     let _ = writeln!(s, "## Admitted per tenant (counted at the upstream)\n");
     let _ = writeln!(
         s,

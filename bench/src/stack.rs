@@ -131,7 +131,8 @@ impl Stack {
         // Without a service the quota cluster points at the upstream: no
         // filter calls it, Envoy only needs some endpoint.
         let quota_addr: SocketAddr = service.as_ref().map_or(upstream.addr(), Service::addr);
-        let mut opts = EnvoyOpts::new(bench_plugin_config(mode), quota_addr, upstream.addr());
+        let plugin_config = if mode == Mode::Floor { floor_ops() } else { bench_plugin_config(mode) };
+        let mut opts = EnvoyOpts::new(plugin_config, quota_addr, upstream.addr());
         opts.concurrency = workers;
         opts.log_level = "warn".into();
         opts.component_log_level = None;
@@ -237,6 +238,15 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The floor's plugin config: none, or the host operations of a probe
+/// (`SLUICE_BENCH_FLOOR_OPS`, see bench/floor).
+fn floor_ops() -> Value {
+    std::env::var("SLUICE_BENCH_FLOOR_OPS")
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| json!({}))
 }
 
 /// The floor module (`SLUICE_FLOOR_WASM`, set by `make bench-sluice`).

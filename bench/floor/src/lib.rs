@@ -3,21 +3,62 @@
 //! lets the request through: what is left between this and Envoy alone is
 //! the price of the Wasm VM itself (a context and every stream callback),
 //! which no filter can avoid.
+//!
+//! With a plugin config it also does chosen host operations on every
+//! request, so the bench can price each one against the plain floor in the
+//! same run (`sluice-bench --probe`):
+//! `{"callout": "cluster"}` one POST callout per request (mode f, the
+//! floor of any limiter that asks a service), `"props": [["xds","route_name"]]`
+//! property reads, `"resp_headers": n` response headers set, `"shared": true`
+//! a shared-data get and CAS set, `"counters": n` counter increments.
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use proxy_wasm::types::{Action, BufferType, ContextType, MetricType};
+use std::rc::Rc;
+use std::time::Duration;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Floor) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Floor::default()) });
 }}
 
-struct Floor;
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct Ops {
+    callout: Option<String>,
+    body: String,
+    props: Vec<Vec<String>>,
+    resp_headers: usize,
+    shared: bool,
+    counters: usize,
+}
+
+#[derive(Default)]
+struct Floor {
+    ops: Rc<Ops>,
+    counter_ids: Rc<Vec<u32>>,
+}
 
 impl Context for Floor {}
 
 impl RootContext for Floor {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size).ok().flatten().unwrap_or_default();
+        if !bytes.is_empty() {
+            match serde_json::from_slice::<Ops>(&bytes) {
+                Ok(ops) => self.ops = Rc::new(ops),
+                Err(_) => return false,
+            }
+        }
+        let ids: Vec<u32> = (0..self.ops.counters)
+            .filter_map(|i| hostcalls::define_metric(MetricType::Counter, &format!("floor.c{i}")).ok())
+            .collect();
+        self.counter_ids = Rc::new(ids);
+        true
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Floor))
+        Some(Box::new(Req { ops: Rc::clone(&self.ops), counters: Rc::clone(&self.counter_ids) }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -25,11 +66,61 @@ impl RootContext for Floor {
     }
 }
 
-impl HttpContext for Floor {
+struct Req {
+    ops: Rc<Ops>,
+    counters: Rc<Vec<u32>>,
+}
+
+impl Context for Req {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let _ = hostcalls::get_map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status");
+        let _ = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size);
+        let _ = hostcalls::resume_http_request();
+    }
+}
+
+impl HttpContext for Req {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // The SDK's getter panics only on statuses Envoy does not return
-        // for a header read in this callback.
-        let _tenant = self.get_http_request_header_bytes("x-tenant-id");
+        let _tenant = hostcalls::get_map_value_bytes(proxy_wasm::types::MapType::HttpRequestHeaders, "x-tenant-id");
+        for p in &self.ops.props {
+            let path: Vec<&str> = p.iter().map(String::as_str).collect();
+            let _ = hostcalls::get_property(path);
+        }
+        if self.ops.shared {
+            if let Ok((_, cas)) = hostcalls::get_shared_data("floor") {
+                let _ = hostcalls::set_shared_data("floor", Some(b"0123456789abcdef0123456789abcdef"), cas);
+            }
+        }
+        for id in self.counters.iter() {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
+        if let Some(cluster) = &self.ops.callout {
+            let headers = vec![
+                (":method", "POST"),
+                (":path", "/healthz"),
+                (":authority", "floor"),
+                ("content-type", "application/json"),
+            ];
+            let body = (!self.ops.body.is_empty()).then_some(self.ops.body.as_bytes());
+            let headers = if body.is_some() { headers } else { vec![(":method", "GET"), (":path", "/healthz"), (":authority", "floor")] };
+            if hostcalls::dispatch_http_call(cluster, headers, body, vec![], Duration::from_secs(2)).is_ok() {
+                return Action::Pause;
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        for i in 0..self.ops.resp_headers {
+            let _ = hostcalls::set_map_value(
+                proxy_wasm::types::MapType::HttpResponseHeaders,
+                HEADER_NAMES.get(i % HEADER_NAMES.len()).copied().unwrap_or("x-floor"),
+                Some("12345"),
+            );
+        }
         Action::Continue
     }
 }
+
+const HEADER_NAMES: [&str; 6] =
+    ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy", "ratelimit", "x-floor"];
