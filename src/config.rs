@@ -73,6 +73,8 @@ pub struct CompiledConfig {
     pub queue_cluster: Option<String>,
     /// Size of the shared lease slot table.
     pub lease_slots: u32,
+    /// Batched callouts; `None`: every check is its own callout.
+    pub batching: Option<Batching>,
     exempt_exact: Vec<String>,
     exempt_prefixes: Vec<String>,
     default_policy: Policy,
@@ -82,6 +84,24 @@ pub struct CompiledConfig {
     /// (prefix, policy index), longest prefix first.
     by_prefix: Vec<(String, usize)>,
 }
+
+/// `batching`: past `in_flight` single checks in flight on a worker, a
+/// worker's further checks wait for its next tick (1 ms) and go to the
+/// service together, at most `max_checks` to a callout. Each is still
+/// decided on its own by the service's atomic script before its request
+/// goes on: batching changes how checks travel, not what is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub in_flight: u32,
+    pub max_checks: u32,
+}
+
+pub const DEFAULT_BATCH_IN_FLIGHT: u64 = 8;
+pub const DEFAULT_BATCH_MAX_CHECKS: u64 = 64;
+/// Most checks in one batched callout (the service takes up to
+/// `sluice_wire::MAX_BATCH_CHECKS`).
+pub const MAX_BATCH_MAX_CHECKS: u64 = 128;
+const BATCHING_FIELDS: &[&str] = &["in_flight", "max_checks"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -127,6 +147,7 @@ const TOP_FIELDS: &[&str] = &[
     "report_latency",
     "queue_cluster",
     "lease_slots",
+    "batching",
 ];
 const POLICY_FIELDS: &[&str] = &[
     "name",
@@ -201,6 +222,29 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
             return err("lease_slots", format!("must be at least {}", lease::MIN_SLOTS))
         }
         Some(n) => u32::try_from(n).unwrap_or(lease::MAX_SLOTS),
+    };
+    let batching = match top.get("batching") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(Batching {
+            in_flight: DEFAULT_BATCH_IN_FLIGHT as u32,
+            max_checks: DEFAULT_BATCH_MAX_CHECKS as u32,
+        }),
+        Some(v @ Value::Object(_)) => {
+            let o = as_object(v, "batching")?;
+            check_known(o, BATCHING_FIELDS, "batching")?;
+            let in_flight = opt_number(o, "in_flight", "batching.in_flight", 10_000)?.unwrap_or(DEFAULT_BATCH_IN_FLIGHT);
+            let max_checks = opt_positive(o, "max_checks", "batching.max_checks", MAX_BATCH_MAX_CHECKS)?
+                .unwrap_or(DEFAULT_BATCH_MAX_CHECKS);
+            if max_checks < 2 {
+                return err("batching.max_checks", "must be at least 2 (1 is no batching: leave batching out)");
+            }
+            Some(Batching {
+                in_flight: u32::try_from(in_flight).unwrap_or(10_000),
+                max_checks: u32::try_from(max_checks).unwrap_or(128),
+            })
+        }
+        Some(_) => return err("batching", "must be true, false or an object {\"in_flight\": n, \"max_checks\": n}"),
     };
 
     let mut exempt_exact = Vec::new();
@@ -303,6 +347,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         shadow_headers,
         queue_cluster,
         lease_slots,
+        batching,
         exempt_exact,
         exempt_prefixes,
         default_policy,
@@ -577,6 +622,28 @@ impl CompiledConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batching_is_off_by_default_on_with_defaults_or_bounded_fields() {
+        let c = compile(br#"{"quota_cluster":"q"}"#).unwrap();
+        assert_eq!(c.batching, None);
+        let c = compile(br#"{"quota_cluster":"q","batching":true}"#).unwrap();
+        assert_eq!(c.batching, Some(Batching { in_flight: 8, max_checks: 64 }));
+        let c = compile(br#"{"quota_cluster":"q","batching":{"in_flight":0,"max_checks":16}}"#).unwrap();
+        assert_eq!(c.batching, Some(Batching { in_flight: 0, max_checks: 16 }));
+        assert_eq!(compile(br#"{"quota_cluster":"q","batching":false}"#).unwrap().batching, None);
+        for (json, field) in [
+            (r#"{"quota_cluster":"q","batching":{"max_checks":1}}"#, "batching.max_checks"),
+            (r#"{"quota_cluster":"q","batching":{"max_checks":0}}"#, "batching.max_checks"),
+            (r#"{"quota_cluster":"q","batching":{"max_checks":129}}"#, "batching.max_checks"),
+            (r#"{"quota_cluster":"q","batching":{"in_flight":-1}}"#, "batching.in_flight"),
+            (r#"{"quota_cluster":"q","batching":{"in_flight":"8"}}"#, "batching.in_flight"),
+            (r#"{"quota_cluster":"q","batching":{"size":8}}"#, "batching.size"),
+            (r#"{"quota_cluster":"q","batching":8}"#, "batching"),
+        ] {
+            assert_eq!(bad(json).field, field, "{json}");
+        }
+    }
 
     fn bad(json: &str) -> ConfigError {
         match compile(json.as_bytes()) {

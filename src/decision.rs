@@ -8,7 +8,7 @@ use crate::config::FailureMode;
 use crate::lease;
 use serde_json::{json, Value};
 use sluice_wire::reply::{self, Reply};
-use sluice_wire::{is_valid_policy_name, CheckResponse, QueueTicket, Reason, WindowState};
+use sluice_wire::{is_valid_policy_name, CheckBatchResponse, CheckResponse, QueueTicket, Reason, WindowState};
 
 pub use sluice_wire::reply::{rate_limit_headers, Headers, OWNED_RESPONSE_HEADERS};
 
@@ -70,6 +70,47 @@ pub fn parse_answer(status: Option<&[u8]>, body: Option<&[u8]>) -> Result<CheckR
         return Err(CalloutFailure::Malformed);
     }
     let resp: CheckResponse = serde_json::from_slice(body).map_err(|_| CalloutFailure::Malformed)?;
+    consistent(resp)
+}
+
+/// Validates and parses the answer to a batch of `n` checks: one result per
+/// check, in order. A batch that failed as a whole fails each check the same
+/// way; a result that is not a well-formed decision or service error fails
+/// its check only.
+pub fn parse_batch_answer(
+    status: Option<&[u8]>,
+    body: Option<&[u8]>,
+    n: usize,
+    max_bytes: usize,
+) -> Vec<Result<CheckResponse, CalloutFailure>> {
+    let all = |why: CalloutFailure| (0..n).map(|_| Err(why)).collect();
+    match status {
+        None => return all(CalloutFailure::NoResponse),
+        Some(b"200") => {}
+        Some(_) if body.is_some_and(is_service_error) => return all(CalloutFailure::Status),
+        Some(_) => return all(CalloutFailure::NoResponse),
+    }
+    let Some(body) = body.filter(|b| b.len() <= max_bytes) else { return all(CalloutFailure::Malformed) };
+    let Ok(batch) = serde_json::from_slice::<CheckBatchResponse>(body) else {
+        return all(CalloutFailure::Malformed);
+    };
+    if batch.results.len() != n {
+        return all(CalloutFailure::Malformed);
+    }
+    batch
+        .results
+        .into_iter()
+        .map(|r| match (r.status, r.answer, r.error) {
+            (200, Some(answer), None) => consistent(answer),
+            (status, None, Some(e)) if status != 200 && !e.error.is_empty() => Err(CalloutFailure::Status),
+            _ => Err(CalloutFailure::Malformed),
+        })
+        .collect()
+}
+
+/// A decision whose fields agree with each other (and are safe to copy
+/// into headers).
+fn consistent(resp: CheckResponse) -> Result<CheckResponse, CalloutFailure> {
     let consistent = !resp.windows.is_empty()
         && resp.binding < resp.windows.len()
         && resp.windows.iter().all(|w| w.remaining <= w.limit && !w.name.is_empty() && w.name.bytes().all(is_sf_safe))
@@ -271,6 +312,43 @@ fn reply(status: u16, headers: Headers, body: &Value) -> Outcome {
 mod tests {
     use super::*;
     use sluice_wire::{Window, WindowState};
+
+    fn answer_json(allowed: bool) -> serde_json::Value {
+        serde_json::json!({"allowed": allowed, "tier": "free", "binding": 0,
+            "windows": [{"name": "hour", "window": "hour", "limit": 10, "used": 3, "remaining": 7, "reset": 1, "reset_in": 1}]})
+    }
+
+    #[test]
+    fn a_batch_answer_is_split_into_one_result_per_check_in_order() {
+        let body = serde_json::json!({"results": [
+            {"status": 200, "answer": answer_json(true)},
+            {"status": 400, "error": {"error": "invalid_tenant", "message": "bad"}},
+            {"status": 200, "answer": answer_json(false)},
+            {"status": 200},
+            {"status": 200, "answer": {"allowed": true, "tier": "t", "binding": 3, "windows": []}},
+        ]})
+        .to_string();
+        let r = parse_batch_answer(Some(b"200"), Some(body.as_bytes()), 5, 1 << 20);
+        assert_eq!(r.len(), 5);
+        assert!(r[0].as_ref().is_ok_and(|a| a.allowed));
+        assert_eq!(r[1], Err(CalloutFailure::Status));
+        assert!(r[2].as_ref().is_ok_and(|a| !a.allowed));
+        assert_eq!(r[3], Err(CalloutFailure::Malformed));
+        assert_eq!(r[4], Err(CalloutFailure::Malformed), "inconsistent answers are refused as for a single check");
+    }
+
+    #[test]
+    fn a_batch_that_failed_as_a_whole_fails_every_check_the_same_way() {
+        let one = serde_json::json!({"results": [{"status": 200, "answer": answer_json(true)}]}).to_string();
+        let all = |r: Vec<Result<CheckResponse, CalloutFailure>>, why| r.len() == 3 && r.iter().all(|x| *x == Err(why));
+        assert!(all(parse_batch_answer(Some(b"200"), Some(one.as_bytes()), 3, 1 << 20), CalloutFailure::Malformed), "wrong count");
+        assert!(all(parse_batch_answer(None, None, 3, 1 << 20), CalloutFailure::NoResponse));
+        assert!(all(parse_batch_answer(Some(b"504"), Some(b"upstream request timeout"), 3, 1 << 20), CalloutFailure::NoResponse));
+        let err = br#"{"error":"invalid_request","message":"checks: too many"}"#;
+        assert!(all(parse_batch_answer(Some(b"400"), Some(err), 3, 1 << 20), CalloutFailure::Status));
+        assert!(all(parse_batch_answer(Some(b"200"), Some(b"[1,2"), 3, 1 << 20), CalloutFailure::Malformed));
+        assert!(all(parse_batch_answer(Some(b"200"), Some(one.as_bytes()), 3, 8), CalloutFailure::Malformed), "over the size cap");
+    }
 
     fn win(name: &str, window: Window, limit: u64, used: u64, reset_in: u64) -> WindowState {
         WindowState {

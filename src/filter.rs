@@ -38,7 +38,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use sluice_wire::{
-    CheckRequest, CheckResponse, LeaseAsk, LeaseReturn, LeaseReturnRequest, LeaseReturnResponse, QueueTicket, Reason,
+    CheckRequest, CheckResponse, LeaseAsk, CHECK_BATCH_PATH, LeaseReturn, LeaseReturnRequest, LeaseReturnResponse, QueueTicket, Reason,
     ReportRequest, UsageReport, CHECK_PATH, LEASE_RETURN_PATH, MAX_LEASE_RETURNS, POOL_HEADER, QUEUE_HEADER,
     REPORT_PATH, TICKET_HEADER, USAGE_PATH,
 };
@@ -50,11 +50,11 @@ use std::time::{Duration, SystemTime};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { id, ..Root::default() }) });
 }}
 
 /// Envoy stat names (exported with Envoy's `wasmcustom.` prefix).
-const METRIC_NAMES: [&str; 23] = [
+const METRIC_NAMES: [&str; 24] = [
     "sluice.allowed",
     "sluice.denied",
     "sluice.failed_open",
@@ -78,6 +78,7 @@ const METRIC_NAMES: [&str; 23] = [
     "sluice.lease_cas_retries",
     "sluice.lease_units_returned",
     "sluice.lease_return_errors",
+    "sluice.batched_checks",
 ];
 
 #[derive(Clone, Copy)]
@@ -105,6 +106,7 @@ enum Metric {
     LeaseCasRetries,
     LeaseUnitsReturned,
     LeaseReturnErrors,
+    BatchedChecks,
 }
 
 #[derive(Default)]
@@ -150,13 +152,23 @@ impl ReportKind {
     }
 }
 
-/// Reports waiting for the root context to send them.
+/// Reports and batched checks waiting for the root context to send them.
 #[derive(Default)]
 struct Outbox {
     reports: VecDeque<(ReportKind, Vec<u8>)>,
+    /// Checks for the next batch callout (`batching` on).
+    checks: Vec<Member>,
+    /// Single check callouts of this worker in flight.
+    singles: u32,
     /// A tick is scheduled to drain the queue.
     armed: bool,
 }
+
+/// Most checks waiting for a batch on one worker; past it a check goes
+/// alone (more callouts, never a refusal).
+const MAX_WAITING_CHECKS: usize = 4096;
+/// Largest batch answer the filter parses (a few hundred bytes a check).
+const MAX_BATCH_ANSWER_BYTES: usize = 1024 * 1024;
 
 /// Most reports queued at once. Past it a report is dropped (and counted as
 /// failed): its reservation then simply stands.
@@ -229,6 +241,9 @@ fn return_of(e: &Entry) -> LeaseReturn {
 
 #[derive(Default)]
 struct Root {
+    /// The root context's own id, made effective again after it acted on
+    /// the requests of a batch.
+    id: u32,
     config: Option<Rc<CompiledConfig>>,
     metrics: Rc<Metrics>,
     outbox: Rc<RefCell<Outbox>>,
@@ -239,10 +254,25 @@ struct Root {
     book: Rc<LeaseBook>,
     /// The tick period when no report is queued: the lease tick, or none.
     idle_tick_ms: u64,
+    /// Batch callouts in flight, with their checks in order.
+    batches: HashMap<u32, Vec<Member>>,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if let Some(members) = self.batches.remove(&token) {
+            let status = host::header(MapType::HttpCallResponseHeaders, ":status");
+            let body = if body_size > 0 && body_size <= MAX_BATCH_ANSWER_BYTES {
+                host::buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            } else if body_size > MAX_BATCH_ANSWER_BYTES {
+                Some(vec![b' '; MAX_BATCH_ANSWER_BYTES + 1])
+            } else {
+                None
+            };
+            let answers = decision::parse_batch_answer(status.as_deref(), body.as_deref(), members.len(), MAX_BATCH_ANSWER_BYTES);
+            self.decide_batch(members, answers);
+            return;
+        }
         if self.lease_return_answered(token, body_size) {
             return;
         }
@@ -339,6 +369,70 @@ impl Root {
         self.send_returns(config);
     }
 
+    /// Sends the waiting checks, `max_checks` to a callout.
+    fn send_batches(&mut self, config: &CompiledConfig, mut checks: Vec<Member>) {
+        checks.retain(|m| !m.gone());
+        let max = config.batching.map_or(1, |b| b.max_checks as usize).max(1);
+        while !checks.is_empty() {
+            let rest = checks.split_off(checks.len().min(max));
+            let batch = std::mem::replace(&mut checks, rest);
+            let mut body = Vec::with_capacity(16 + batch.iter().map(|m| m.body.len() + 1).sum::<usize>());
+            body.extend_from_slice(b"{\"checks\":[");
+            for (i, m) in batch.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(&m.body);
+            }
+            body.extend_from_slice(b"]}");
+            let headers = vec![
+                (":method", "POST"),
+                (":path", CHECK_BATCH_PATH),
+                (":authority", config.quota_authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            let timeout = Duration::from_millis(config.timeout_ms);
+            self.metrics.add(Metric::BatchedChecks, batch.len() as u64);
+            match hostcalls::dispatch_http_call(&config.quota_cluster, headers, Some(&body), vec![], timeout) {
+                Ok(token) => {
+                    self.batches.insert(token, batch);
+                }
+                Err(status) => {
+                    log::warn!("batch dispatch to {:?} failed: {status:?}", config.quota_cluster);
+                    let n = batch.len();
+                    self.decide_batch(batch, (0..n).map(|_| Err(CalloutFailure::Dispatch)).collect());
+                }
+            }
+        }
+    }
+
+    /// Carries out each check's answer on its own request: the root makes
+    /// that request's stream the effective one, resumes it or answers it,
+    /// and leaves the rest of the decision in its mailbox.
+    fn decide_batch(&self, members: Vec<Member>, answers: Vec<Result<CheckResponse, CalloutFailure>>) {
+        let Some(config) = self.config.clone() else { return };
+        let env = Env { config: &config, metrics: &self.metrics, book: &self.book, can_queue: self.can_queue };
+        for (m, answer) in members.into_iter().zip(answers) {
+            if m.gone() || hostcalls::set_effective_context(m.context_id).is_err() {
+                continue;
+            }
+            let Member { waits, mailbox, .. } = m;
+            let (outcome, tracker) = answer_outcome(&env, waits, answer);
+            let mut tracker = tracker;
+            let action = carry_out(&self.metrics, outcome, &mut |phase, forwarded| {
+                *mailbox.borrow_mut() =
+                    Some(Resolved { phase, tracker: tracker.take(), forwarded_at: forwarded.then(host::now).flatten() });
+            });
+            if let Action::Continue = action {
+                host::resume_request();
+            }
+        }
+        // Later host calls of this callback (reports, lease returns) are the root's own.
+        if hostcalls::set_effective_context(self.id).is_err() {
+            log::warn!("could not make the root context effective again");
+        }
+    }
+
     fn send_returns(&self, config: &CompiledConfig) {
         if self.book.in_flight.borrow().is_some() || self.book.returns.borrow().is_empty() {
             return;
@@ -395,8 +489,10 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
+            id: context_id,
+            single: false,
             config: self.config.clone(),
             metrics: Rc::clone(&self.metrics),
             outbox: Rc::clone(&self.outbox),
@@ -413,15 +509,18 @@ impl RootContext for Root {
     /// or the lease tick) until the next report arms it again; with leases,
     /// also takes expired leases back.
     fn on_tick(&mut self) {
-        let reports: Vec<(ReportKind, Vec<u8>)> = {
+        let (reports, checks): (Vec<(ReportKind, Vec<u8>)>, Vec<Member>) = {
             let mut outbox = self.outbox.borrow_mut();
             let was_armed = std::mem::replace(&mut outbox.armed, false);
             if was_armed {
                 set_tick_period_ms(self.idle_tick_ms);
             }
-            outbox.reports.drain(..).collect()
+            (outbox.reports.drain(..).collect(), std::mem::take(&mut outbox.checks))
         };
         let Some(config) = self.config.clone() else { return };
+        if !checks.is_empty() {
+            self.send_batches(&config, checks);
+        }
         if self.idle_tick_ms > 0 {
             self.return_expired(&config);
         }
@@ -515,7 +614,34 @@ enum Phase {
         shadow: bool,
     },
     Admitted { headers: decision::Headers },
+    /// The check waits in the worker's batch (or its batch callout is in
+    /// flight); the root context resumes or answers the request and leaves
+    /// the rest of the decision in the mailbox.
+    Batched(Rc<RefCell<Option<Resolved>>>),
     Done,
+}
+
+/// A batched check's decision, for the request's own later callbacks.
+struct Resolved {
+    phase: Phase,
+    tracker: Option<Tracker>,
+    forwarded_at: Option<SystemTime>,
+}
+
+/// A check waiting for the root's next tick, then for its batch's answer.
+struct Member {
+    context_id: u32,
+    /// The check, as JSON.
+    body: Vec<u8>,
+    waits: Waits,
+    mailbox: Rc<RefCell<Option<Resolved>>>,
+}
+
+impl Member {
+    /// The request is gone (reset by the client): nothing to decide.
+    fn gone(&self) -> bool {
+        Rc::strong_count(&self.mailbox) == 1
+    }
 }
 
 /// Where the response's usage is read from.
@@ -548,6 +674,10 @@ struct PendingLatency {
 }
 
 struct Request {
+    id: u32,
+    /// A single check callout of this request is in flight (counted in
+    /// the outbox's `singles`).
+    single: bool,
     config: Option<Rc<CompiledConfig>>,
     metrics: Rc<Metrics>,
     outbox: Rc<RefCell<Outbox>>,
@@ -569,84 +699,72 @@ struct LeaseSlot {
 
 impl Request {
     fn finish(&mut self, outcome: Outcome) -> Action {
-        match outcome {
-            Outcome::Admit { headers, pool, shadow_denied } => {
-                if shadow_denied {
-                    self.metrics.inc(Metric::ShadowDenied);
-                }
-                if let Some(pool) = pool {
-                    self.route_to_pool(&pool);
-                }
+        let mut settled: Option<(Phase, bool)> = None;
+        let action = carry_out(&self.metrics, outcome, &mut |phase, forwarded| settled = Some((phase, forwarded)));
+        if let Some((phase, forwarded)) = settled {
+            self.settle(phase, None, forwarded.then(host::now).flatten());
+        }
+        action
+    }
+
+    /// Moves the request to `phase` once its decision is made; `forwarded_at`
+    /// is when an admitted request went on (none: it did not).
+    fn settle(&mut self, phase: Phase, tracker: Option<Tracker>, forwarded_at: Option<SystemTime>) {
+        self.phase = phase;
+        if tracker.is_some() {
+            self.tracker = tracker;
+        }
+        match forwarded_at {
+            Some(at) => {
                 if let Some(l) = self.latency.as_mut() {
-                    l.forwarded_at = host::now();
-                }
-                self.phase = if headers.is_empty() { Phase::Done } else { Phase::Admitted { headers } };
-                Action::Continue
-            }
-            Outcome::Queue { ticket } => {
-                // The queue service answers with the dispatch-time rate-limit
-                // headers itself: leave the response alone.
-                self.latency = None;
-                if self.forward_to_queue(&ticket) {
-                    self.metrics.inc(Metric::Queued);
-                    self.phase = Phase::Done;
-                    Action::Continue
-                } else {
-                    self.metrics.inc(Metric::OverflowRejected);
-                    self.finish(decision::no_queue())
+                    l.forwarded_at = Some(at);
                 }
             }
-            Outcome::Reply { status, headers, body } => {
+            None => self.latency = None,
+        }
+    }
+
+    /// A batched check's answer, left in its mailbox by the root context
+    /// (which already resumed or answered the request), taken into the
+    /// request's own state at its next callback.
+    fn take_batched(&mut self) {
+        let Phase::Batched(mailbox) = &self.phase else { return };
+        let mailbox = Rc::clone(mailbox);
+        let Some(r) = mailbox.borrow_mut().take() else { return };
+        self.settle(r.phase, r.tracker, r.forwarded_at);
+    }
+
+    fn release_single(&mut self) {
+        if std::mem::replace(&mut self.single, false) {
+            let mut outbox = self.outbox.borrow_mut();
+            outbox.singles = outbox.singles.saturating_sub(1);
+        }
+    }
+
+    /// With `batching`, joins the worker's next batch when enough single
+    /// checks are in flight; gives the check back when it goes alone.
+    fn join_batch(&mut self, config: &CompiledConfig, body: Vec<u8>, waits: Waits) -> Result<Action, (Vec<u8>, Waits)> {
+        let Some(b) = config.batching else { return Err((body, waits)) };
+        let arm = {
+            let mut outbox = self.outbox.borrow_mut();
+            if outbox.singles < b.in_flight || outbox.checks.len() >= MAX_WAITING_CHECKS {
+                return Err((body, waits));
+            }
+            let mailbox = Rc::new(RefCell::new(None));
+            outbox.checks.push(Member { context_id: self.id, body, waits, mailbox: Rc::clone(&mailbox) });
+            self.phase = Phase::Batched(mailbox);
+            !std::mem::replace(&mut outbox.armed, true)
+        };
+        if arm && !host::set_tick_period(Duration::from_millis(1)) {
+            // No tick, no batch: send what waits at once, alone.
+            log::warn!("could not schedule a batch; checks go one by one");
+            self.outbox.borrow_mut().armed = false;
+            if let Some(m) = self.outbox.borrow_mut().checks.pop() {
                 self.phase = Phase::Done;
-                self.latency = None;
-                let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                if !host::send_response(status, &hs, body.as_bytes()) {
-                    // Never leave the request paused with nothing pending:
-                    // the same status without our headers (a refusal must
-                    // not turn into an admission).
-                    log::warn!("could not send the local {status} reply; sending it bare");
-                    if !host::send_response(status, &[], &[]) {
-                        log::error!("could not send a local {status} reply at all");
-                    }
-                }
-                Action::Pause
+                return Err((m.body, m.waits));
             }
         }
-    }
-
-    /// Sets the internal pool header and makes Envoy pick the route again
-    /// (Envoy documents the `clear_route_cache` foreign function as the way
-    /// to re-route after a filter changed request headers).
-    fn route_to_pool(&self, pool: &str) {
-        if !host::set_header(MapType::HttpRequestHeaders, POOL_HEADER, Some(pool)) {
-            log::warn!("could not set {POOL_HEADER}");
-            return;
-        }
-        if !host::foreign("clear_route_cache") {
-            log::warn!("clear_route_cache is not available; the request keeps its first route");
-        }
-        self.metrics.inc(Metric::Reserved);
-    }
-
-    /// Adds the queue's internal routing headers; Envoy then picks the route
-    /// again (Envoy 1.40 clears the route cache whenever a wasm filter
-    /// changes request headers, proved by tests/tests/e2e_queue.rs, and the
-    /// foreign function makes it explicit), so the queue route, which
-    /// matches `x-sluice-queue` and comes first in the route table, takes
-    /// the request. Envoy's `xds.*` properties keep describing the first
-    /// route, so the new route can not be checked from here: the route
-    /// table must have the queue route (tests/tests/configs_validate.rs
-    /// checks the shipped ones). False, and the caller answers 429, when the
-    /// headers can not be set.
-    fn forward_to_queue(&self, ticket: &QueueTicket) -> bool {
-        if !host::set_header(MapType::HttpRequestHeaders, QUEUE_HEADER, Some(&ticket.upstream))
-            || !host::set_header(MapType::HttpRequestHeaders, TICKET_HEADER, Some(&ticket.ticket))
-        {
-            host::set_header(MapType::HttpRequestHeaders, QUEUE_HEADER, None);
-            return false;
-        }
-        host::foreign("clear_route_cache");
-        true
+        Ok(Action::Pause)
     }
 
     /// Queues the upstream latency of an admitted request for the root
@@ -685,12 +803,7 @@ impl Request {
     }
 
     fn fail(&mut self, failure_mode: config::FailureMode, retry_after_s: u64, why: CalloutFailure) -> Outcome {
-        self.metrics.inc(Metric::CalloutErrors);
-        self.metrics.inc(match failure_mode {
-            config::FailureMode::Open => Metric::FailedOpen,
-            config::FailureMode::Closed => Metric::FailedClosed,
-        });
-        decision::on_failure(failure_mode, retry_after_s, why)
+        fail(&self.metrics, failure_mode, retry_after_s, why)
     }
 
     fn on_request_headers(&mut self, config: &CompiledConfig, end_of_stream: bool) -> Action {
@@ -881,6 +994,12 @@ impl Request {
             let outcome = self.fail(failure_mode, retry_after_s, CalloutFailure::Dispatch);
             return self.finish(outcome);
         };
+        let waits = Waits { failure_mode, retry_after_s, tokens, shadow, lease: self.lease.take() };
+        let (body, Waits { tokens, lease, .. }) = match self.join_batch(config, body, waits) {
+            Ok(action) => return action,
+            Err(alone) => alone,
+        };
+        self.lease = lease;
         let call_headers = vec![
             (":method", "POST"),
             (":path", CHECK_PATH),
@@ -895,6 +1014,10 @@ impl Request {
             Duration::from_millis(config.timeout_ms),
         ) {
             Ok(_) => {
+                if config.batching.is_some() {
+                    self.single = true;
+                    self.outbox.borrow_mut().singles += 1;
+                }
                 self.phase = Phase::AwaitingQuota { failure_mode, retry_after_s, tokens, shadow };
                 Action::Pause
             }
@@ -977,77 +1100,154 @@ impl Request {
     }
 }
 
-impl Request {
-    /// Puts what the callout answered into the tenant's slot: a grant; or,
-    /// without one, a probe that lets the next request size its lease from
-    /// the tenant's rate; or a denial, kept for one lease lifetime at most
-    /// and never past the binding window's reset. Probes and denials never
-    /// push out a live lease with units; a lease pushed out is reported back
-    /// by the worker that pushed it, and a grant that can not be stored is
-    /// given back whole.
-    fn store_lease(&self, slot: LeaseSlot, resp: &CheckResponse) {
-        let now = now_ms();
-        let grant = resp.lease.as_ref().filter(|l| l.units > 0 && resp.allowed);
-        let units = grant.map_or(0, |l| l.units);
-        let life = if !resp.allowed {
-            let reset_ms = resp.windows.get(resp.binding).map_or(0, |w| w.reset.saturating_mul(1000));
-            slot.config.ttl_ms.min(reset_ms.saturating_sub(now))
-        } else if let Some(l) = grant {
-            slot.config.ttl_ms.min(l.valid_ms)
-        } else {
-            slot.config.ttl_ms
-        };
-        let entry = Entry {
-            denied: !resp.allowed,
-            returned: false,
-            id: self.book.next_id(),
-            units_left: units,
-            expires_at_ms: now.saturating_add(life),
-            granted: units,
-            granted_at_ms: now,
-            unit_cost: grant.map_or(0, |l| l.unit_cost),
-            tenant: slot.tenant,
-            policy: slot.policy,
-            tier: resp.tier.clone(),
-            pool: resp.reserved_pool.clone().unwrap_or_default(),
-            day: grant.map(|l| l.day.clone()).unwrap_or_default(),
-            charged: grant.map(|l| l.charged.clone()).unwrap_or_default(),
-            windows: resp
-                .windows
-                .iter()
-                .map(|w| WindowSnap { name: w.name.clone(), window: w.window, limit: w.limit, remaining: w.remaining, reset: w.reset })
-                .collect(),
-        };
-        let key = lease::slot_key(slot.slot);
-        let bytes = entry.encode();
-        for _ in 0..lease::CAS_ATTEMPTS {
-            let (value, cas) = host::get_shared(&key);
-            let old = value.as_deref().and_then(Entry::decode);
-            if !lease::may_replace(old.as_ref(), units > 0, now) {
-                return;
-            }
-            if host::set_shared(&key, &bytes, cas) {
-                if let Some(old) = old.filter(Entry::owes_return) {
-                    self.book.give_back(return_of(&old));
-                }
-                if units > 0
-                    && !self.book.watch(Watch { slot: slot.slot, id: entry.id, expires_at_ms: entry.expires_at_ms })
-                {
-                    // Too many leases watched: take this one back out now.
-                    let done = Entry { units_left: 0, returned: true, ..entry.clone() };
-                    let (_, cas) = host::get_shared(&key);
-                    if host::set_shared(&key, &done.encode(), cas) {
-                        self.book.give_back(return_of(&entry));
-                    }
-                }
-                return;
-            }
-            self.metrics.inc(Metric::LeaseCasRetries);
+/// Puts what the callout answered into the tenant's slot: a grant; or,
+/// without one, a probe that lets the next request size its lease from
+/// the tenant's rate; or a denial, kept for one lease lifetime at most
+/// and never past the binding window's reset. Probes and denials never
+/// push out a live lease with units; a lease pushed out is reported back
+/// by the worker that pushed it, and a grant that can not be stored is
+/// given back whole.
+fn store_lease(book: &LeaseBook, metrics: &Metrics, slot: LeaseSlot, resp: &CheckResponse) {
+    let now = now_ms();
+    let grant = resp.lease.as_ref().filter(|l| l.units > 0 && resp.allowed);
+    let units = grant.map_or(0, |l| l.units);
+    let life = if !resp.allowed {
+        let reset_ms = resp.windows.get(resp.binding).map_or(0, |w| w.reset.saturating_mul(1000));
+        slot.config.ttl_ms.min(reset_ms.saturating_sub(now))
+    } else if let Some(l) = grant {
+        slot.config.ttl_ms.min(l.valid_ms)
+    } else {
+        slot.config.ttl_ms
+    };
+    let entry = Entry {
+        denied: !resp.allowed,
+        returned: false,
+        id: book.next_id(),
+        units_left: units,
+        expires_at_ms: now.saturating_add(life),
+        granted: units,
+        granted_at_ms: now,
+        unit_cost: grant.map_or(0, |l| l.unit_cost),
+        tenant: slot.tenant,
+        policy: slot.policy,
+        tier: resp.tier.clone(),
+        pool: resp.reserved_pool.clone().unwrap_or_default(),
+        day: grant.map(|l| l.day.clone()).unwrap_or_default(),
+        charged: grant.map(|l| l.charged.clone()).unwrap_or_default(),
+        windows: resp
+            .windows
+            .iter()
+            .map(|w| WindowSnap { name: w.name.clone(), window: w.window, limit: w.limit, remaining: w.remaining, reset: w.reset })
+            .collect(),
+    };
+    let key = lease::slot_key(slot.slot);
+    let bytes = entry.encode();
+    for _ in 0..lease::CAS_ATTEMPTS {
+        let (value, cas) = host::get_shared(&key);
+        let old = value.as_deref().and_then(Entry::decode);
+        if !lease::may_replace(old.as_ref(), units > 0, now) {
+            return;
         }
-        if units > 0 {
-            self.book.give_back(return_of(&entry));
+        if host::set_shared(&key, &bytes, cas) {
+            if let Some(old) = old.filter(Entry::owes_return) {
+                book.give_back(return_of(&old));
+            }
+            if units > 0
+                && !book.watch(Watch { slot: slot.slot, id: entry.id, expires_at_ms: entry.expires_at_ms })
+            {
+                // Too many leases watched: take this one back out now.
+                let done = Entry { units_left: 0, returned: true, ..entry.clone() };
+                let (_, cas) = host::get_shared(&key);
+                if host::set_shared(&key, &done.encode(), cas) {
+                    book.give_back(return_of(&entry));
+                }
+            }
+            return;
+        }
+        metrics.inc(Metric::LeaseCasRetries);
+    }
+    if units > 0 {
+        book.give_back(return_of(&entry));
+    }
+}
+
+/// Carries out a decision on the current (effective) stream. `settle` gets
+/// the phase the request moves to, and whether it went on, before any host
+/// call that could call back into the stream.
+fn carry_out(metrics: &Metrics, outcome: Outcome, settle: &mut dyn FnMut(Phase, bool)) -> Action {
+    match outcome {
+        Outcome::Admit { headers, pool, shadow_denied } => {
+            if shadow_denied {
+                metrics.inc(Metric::ShadowDenied);
+            }
+            settle(if headers.is_empty() { Phase::Done } else { Phase::Admitted { headers } }, true);
+            if let Some(pool) = pool {
+                route_to_pool(metrics, &pool);
+            }
+            Action::Continue
+        }
+        Outcome::Queue { ticket } => {
+            // The queue service answers with the dispatch-time rate-limit
+            // headers itself: leave the response alone.
+            if forward_to_queue(&ticket) {
+                metrics.inc(Metric::Queued);
+                settle(Phase::Done, false);
+                Action::Continue
+            } else {
+                metrics.inc(Metric::OverflowRejected);
+                carry_out(metrics, decision::no_queue(), settle)
+            }
+        }
+        Outcome::Reply { status, headers, body } => {
+            settle(Phase::Done, false);
+            let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if !host::send_response(status, &hs, body.as_bytes()) {
+                // Never leave the request paused with nothing pending:
+                // the same status without our headers (a refusal must
+                // not turn into an admission).
+                log::warn!("could not send the local {status} reply; sending it bare");
+                if !host::send_response(status, &[], &[]) {
+                    log::error!("could not send a local {status} reply at all");
+                }
+            }
+            Action::Pause
         }
     }
+}
+
+/// Sets the internal pool header and makes Envoy pick the route again
+/// (Envoy documents the `clear_route_cache` foreign function as the way
+/// to re-route after a filter changed request headers).
+fn route_to_pool(metrics: &Metrics, pool: &str) {
+    if !host::set_header(MapType::HttpRequestHeaders, POOL_HEADER, Some(pool)) {
+        log::warn!("could not set {POOL_HEADER}");
+        return;
+    }
+    if !host::foreign("clear_route_cache") {
+        log::warn!("clear_route_cache is not available; the request keeps its first route");
+    }
+    metrics.inc(Metric::Reserved);
+}
+
+/// Adds the queue's internal routing headers; Envoy then picks the route
+/// again (Envoy 1.40 clears the route cache whenever a wasm filter
+/// changes request headers, proved by tests/tests/e2e_queue.rs, and the
+/// foreign function makes it explicit), so the queue route, which
+/// matches `x-sluice-queue` and comes first in the route table, takes
+/// the request. Envoy's `xds.*` properties keep describing the first
+/// route, so the new route can not be checked from here: the route
+/// table must have the queue route (tests/tests/configs_validate.rs
+/// checks the shipped ones). False, and the caller answers 429, when the
+/// headers can not be set.
+fn forward_to_queue(ticket: &QueueTicket) -> bool {
+    if !host::set_header(MapType::HttpRequestHeaders, QUEUE_HEADER, Some(&ticket.upstream))
+        || !host::set_header(MapType::HttpRequestHeaders, TICKET_HEADER, Some(&ticket.ticket))
+    {
+        host::set_header(MapType::HttpRequestHeaders, QUEUE_HEADER, None);
+        return false;
+    }
+    host::foreign("clear_route_cache");
+    true
 }
 
 fn now_ms() -> u64 {
@@ -1064,12 +1264,23 @@ fn property_string(path: &[&str]) -> Option<String> {
     host::property(path).and_then(|bytes| String::from_utf8(bytes).ok()).filter(|s| !s.is_empty())
 }
 
+impl Drop for Request {
+    fn drop(&mut self) {
+        // A request reset while its single callout was in flight: the SDK
+        // drops the answer, so the count is given back here.
+        self.release_single();
+    }
+}
+
 impl Context for Request {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        let Phase::AwaitingQuota { failure_mode, retry_after_s, shadow, .. } = self.phase else {
+        self.release_single();
+        let Some(config) = self.config.clone() else { return };
+        let Phase::AwaitingQuota { failure_mode, retry_after_s, tokens, shadow } =
+            std::mem::replace(&mut self.phase, Phase::Done)
+        else {
             return;
         };
-        let shadow_headers = self.config.as_ref().is_some_and(|c| c.shadow_headers);
         // A failed callout (a reset) has no response headers: Envoy answers
         // BadArgument, which the SDK's reader would panic on (host.rs).
         let status = host::header(MapType::HttpCallResponseHeaders, ":status");
@@ -1081,51 +1292,93 @@ impl Context for Request {
         } else {
             None
         };
-        let outcome = match decision::parse_answer(status.as_deref(), body.as_deref()) {
-            Ok(resp) => {
-                let in_shadow = shadow || resp.shadow;
-                let storage_denied = !resp.allowed && resp.storage.as_ref().is_some_and(|s| s.exceeded);
-                if resp.allowed {
-                    self.metrics.inc(Metric::Allowed);
-                } else if !in_shadow {
-                    match resp.reason {
-                        // Counted by finish(), once forwarded (or refused).
-                        Some(Reason::Queued) => {}
-                        Some(Reason::Capacity | Reason::QueueFull | Reason::SystemOverloaded) => {
-                            self.metrics.inc(Metric::OverflowRejected)
-                        }
-                        _ => self.metrics.inc(if storage_denied { Metric::StorageDenied } else { Metric::Denied }),
-                    }
-                }
-                if let Some(slot) = self.lease.take() {
-                    // A tenant in shadow mode is never leased to (nor denied from the table).
-                    if !in_shadow {
-                        self.store_lease(slot, &resp);
-                    }
-                }
-                if let (true, Some(r), Phase::AwaitingQuota { tokens: Some((tenant, rules)), .. }) =
-                    (resp.allowed, &resp.reservation, &self.phase)
-                {
-                    self.tracker = Some(Tracker {
-                        tenant: tenant.clone(),
-                        reservation: r.id.clone(),
-                        rules: Arc::clone(rules),
-                        source: UsageSource::Unknown,
-                        usage: None,
-                        complete: false,
-                    });
-                }
-                decision::decide(&resp, shadow, shadow_headers, self.can_queue)
-            }
-            Err(why) => {
-                log::warn!("quota callout failed: {}", why.as_str());
-                self.fail(failure_mode, retry_after_s, why)
-            }
-        };
-        if let Action::Continue = self.finish(outcome) {
+        let answer = decision::parse_answer(status.as_deref(), body.as_deref());
+        let waits = Waits { failure_mode, retry_after_s, tokens, shadow, lease: self.lease.take() };
+        let env = Env { config: &config, metrics: &self.metrics, book: &self.book, can_queue: self.can_queue };
+        let (outcome, tracker) = answer_outcome(&env, waits, answer);
+        let mut settled: Option<(Phase, bool)> = None;
+        let action = carry_out(&self.metrics, outcome, &mut |phase, forwarded| settled = Some((phase, forwarded)));
+        if let Some((phase, forwarded)) = settled {
+            self.settle(phase, tracker, forwarded.then(host::now).flatten());
+        }
+        if let Action::Continue = action {
             host::resume_request();
         }
     }
+}
+
+/// What a decision needs to know of the request that waits for it.
+struct Waits {
+    failure_mode: config::FailureMode,
+    retry_after_s: u64,
+    /// Tenant and rules, when the check reserves tokens.
+    tokens: Option<(String, Arc<CostRules>)>,
+    /// The route is in shadow mode.
+    shadow: bool,
+    /// Set when the route leases: where to store what the answer says.
+    lease: Option<LeaseSlot>,
+}
+
+/// What the decisions of a worker share.
+struct Env<'a> {
+    config: &'a CompiledConfig,
+    metrics: &'a Metrics,
+    book: &'a LeaseBook,
+    can_queue: bool,
+}
+
+/// Turns the quota service's answer to one check (or its failure) into the
+/// outcome for the request, counting it, storing a lease the answer grants
+/// and, for a token reservation, the tracker that will report usage. The
+/// same for a check sent alone and one sent in a batch.
+fn answer_outcome(env: &Env<'_>, w: Waits, answer: Result<CheckResponse, CalloutFailure>) -> (Outcome, Option<Tracker>) {
+    let resp = match answer {
+        Ok(resp) => resp,
+        Err(why) => {
+            log::warn!("quota callout failed: {}", why.as_str());
+            return (fail(env.metrics, w.failure_mode, w.retry_after_s, why), None);
+        }
+    };
+    let metrics = env.metrics;
+    let in_shadow = w.shadow || resp.shadow;
+    let storage_denied = !resp.allowed && resp.storage.as_ref().is_some_and(|s| s.exceeded);
+    if resp.allowed {
+        metrics.inc(Metric::Allowed);
+    } else if !in_shadow {
+        match resp.reason {
+            // Counted by carry_out(), once forwarded (or refused).
+            Some(Reason::Queued) => {}
+            Some(Reason::Capacity | Reason::QueueFull | Reason::SystemOverloaded) => metrics.inc(Metric::OverflowRejected),
+            _ => metrics.inc(if storage_denied { Metric::StorageDenied } else { Metric::Denied }),
+        }
+    }
+    if let Some(slot) = w.lease {
+        // A tenant in shadow mode is never leased to (nor denied from the table).
+        if !in_shadow {
+            store_lease(env.book, metrics, slot, &resp);
+        }
+    }
+    let tracker = match (resp.allowed, &resp.reservation, w.tokens) {
+        (true, Some(r), Some((tenant, rules))) => Some(Tracker {
+            tenant,
+            reservation: r.id.clone(),
+            rules,
+            source: UsageSource::Unknown,
+            usage: None,
+            complete: false,
+        }),
+        _ => None,
+    };
+    (decision::decide(&resp, w.shadow, env.config.shadow_headers, env.can_queue), tracker)
+}
+
+fn fail(metrics: &Metrics, failure_mode: config::FailureMode, retry_after_s: u64, why: CalloutFailure) -> Outcome {
+    metrics.inc(Metric::CalloutErrors);
+    metrics.inc(match failure_mode {
+        config::FailureMode::Open => Metric::FailedOpen,
+        config::FailureMode::Closed => Metric::FailedClosed,
+    });
+    decision::on_failure(failure_mode, retry_after_s, why)
 }
 
 impl HttpContext for Request {
@@ -1140,27 +1393,30 @@ impl HttpContext for Request {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.take_batched();
         match self.phase {
             Phase::ReadingBody(_) => self.on_body_part(body_size, end_of_stream),
             // Returning Continue here would send the request upstream before
             // the decision: keep buffering until the callout answers.
-            Phase::AwaitingQuota { .. } => Action::Pause,
+            Phase::AwaitingQuota { .. } | Phase::Batched(_) => Action::Pause,
             _ => Action::Continue,
         }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.take_batched();
         match &self.phase {
             Phase::ReadingBody(p) => {
                 let seen = p.seen;
                 self.on_body_part(seen, true)
             }
-            Phase::AwaitingQuota { .. } => Action::Pause,
+            Phase::AwaitingQuota { .. } | Phase::Batched(_) => Action::Pause,
             _ => Action::Continue,
         }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.take_batched();
         self.report_latency();
         if let Phase::Admitted { headers } = &self.phase {
             // Setting a header replaces every value the upstream gave it, so
@@ -1210,6 +1466,7 @@ impl HttpContext for Request {
 
     /// Runs once per stream, also when the client aborted it.
     fn on_log(&mut self) {
+        self.take_batched();
         self.report_usage();
     }
 }

@@ -97,6 +97,9 @@ pub fn bench_plugin_config(mode: Mode) -> Value {
     if let Some(o) = c.as_object_mut() {
         o.insert("failure_mode".into(), json!("closed"));
         o.insert("timeout_ms".into(), json!(2000));
+        if std::env::var_os("SLUICE_BENCH_BATCHING").is_some() {
+            o.insert("batching".into(), json!(true));
+        }
         if mode == Mode::Lease {
             o.insert("default_policy".into(), json!({"cost": 1, "lease": {"max_units": 64}}));
         }

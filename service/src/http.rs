@@ -15,8 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use sluice_wire::{
-    CheckRequest, CheckResponse, ErrorBody, LeaseReturnRequest, LeaseReturnResponse, ReportRequest,
+    CheckBatchRequest, CheckBatchResponse, CheckRequest, CheckResponse, CheckResult, ErrorBody,
+    MAX_BATCH_CHECKS, LeaseReturnRequest, LeaseReturnResponse, ReportRequest,
     UsageAnswer, UsageReport,
 };
 
@@ -28,6 +30,8 @@ use crate::tiers::TiersCache;
 
 /// Largest request body accepted; a check is well under 2 KiB.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest body of a batch of checks.
+pub const MAX_BATCH_BODY_BYTES: usize = MAX_BATCH_CHECKS * 2 * 1024;
 
 /// State shared by every request.
 pub struct AppState {
@@ -269,6 +273,10 @@ pub fn split_routers(state: Shared) -> (Router, Router) {
 fn data_routes() -> Router<Shared> {
     Router::new()
         .route(sluice_wire::CHECK_PATH, post(check))
+        .route(
+            sluice_wire::CHECK_BATCH_PATH,
+            post(check_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
+        )
         .route(sluice_wire::USAGE_PATH, post(usage))
         .route(sluice_wire::REPORT_PATH, post(report))
         .route(sluice_wire::LEASE_RETURN_PATH, post(lease_return))
@@ -291,9 +299,51 @@ async fn check(
     State(state): State<Shared>,
     body: Result<ApiJson<CheckRequest>, ApiError>,
 ) -> Result<Json<CheckResponse>, ApiError> {
+    decide_check(&state, body.map(|ApiJson(req)| req)).await.map(Json)
+}
+
+/// Several checks in one call (the filter's batched callouts): each is
+/// decided on its own, exactly as `POST /v1/check` would (its own atomic
+/// script; the scripts of one batch run concurrently on the multiplexed
+/// connection), and answered in order with the status and body that route
+/// would have given it. Only an unreadable batch is an error as a whole.
+async fn check_batch(
+    State(state): State<Shared>,
+    body: Result<ApiJson<CheckBatchRequest<Box<RawValue>>>, ApiError>,
+) -> Result<Json<CheckBatchResponse>, ApiError> {
+    let ApiJson(batch) = body?;
+    if batch.checks.len() > MAX_BATCH_CHECKS {
+        return Err(ApiError::invalid_request(format!(
+            "checks: {} checks in one batch, at most {MAX_BATCH_CHECKS}",
+            batch.checks.len()
+        )));
+    }
+    let results = futures_util::future::join_all(batch.checks.iter().map(|raw| {
+        let state = &state;
+        async move {
+            let req = parse_json::<CheckRequest>(raw.get().as_bytes());
+            match decide_check(state, req).await {
+                Ok(answer) => CheckResult { status: 200, answer: Some(answer), error: None },
+                Err(e) => CheckResult {
+                    status: e.status.as_u16(),
+                    answer: None,
+                    error: Some(ErrorBody { error: e.code.to_string(), message: e.message }),
+                },
+            }
+        }
+    }))
+    .await;
+    Ok(Json(CheckBatchResponse { results }))
+}
+
+/// One quota decision: validation, the atomic check script, metrics.
+async fn decide_check(
+    state: &Shared,
+    body: Result<CheckRequest, ApiError>,
+) -> Result<CheckResponse, ApiError> {
     let started = Instant::now();
     let elapsed = || started.elapsed().as_secs_f64();
-    let valid = match body.and_then(|ApiJson(req)| decision::validate(req).map_err(ApiError::from))
+    let valid = match body.and_then(|req| decision::validate(req).map_err(ApiError::from))
     {
         Ok(v) => v,
         Err(e) => {
@@ -375,7 +425,7 @@ async fn check(
             if let Some(lease) = &resp.lease {
                 state.metrics.lease_units("granted", lease.units);
             }
-            Ok(Json(resp))
+            Ok(resp)
         }
         Err(e) => {
             state.redis_failed("check", &e);

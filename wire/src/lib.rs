@@ -350,6 +350,41 @@ pub struct CheckResponse {
     pub lease: Option<LeaseGrant>,
 }
 
+/// Path of the batched check on the quota service: several requests'
+/// checks in one callout, each decided on its own exactly as by
+/// [`CHECK_PATH`] (its own atomic script), answered in the same order.
+pub const CHECK_BATCH_PATH: &str = "/v1/check/batch";
+
+/// Most checks in one batch the service accepts.
+pub const MAX_BATCH_CHECKS: usize = 256;
+
+/// Body of `POST /v1/check/batch`: each element is a [`CheckRequest`].
+/// The service answers 200 with a [`CheckBatchResponse`] whenever the batch
+/// itself is readable; an element that is not a valid check gets its own
+/// error result, and the others are decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBatchRequest<T> {
+    pub checks: Vec<T>,
+}
+
+/// Answer to a batch, one result per check, in the order of the checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckBatchResponse {
+    pub results: Vec<CheckResult>,
+}
+
+/// One check's result in a batch: the status `POST /v1/check` would have
+/// answered it with, and its body (the decision, or the error).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<CheckResponse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
 /// Request header the filter sets to the reserved pool of an admitted
 /// request, for the route table to match (clients can never set it: every
 /// `x-sluice-*` request header is removed on entry).

@@ -31,15 +31,31 @@ struct Ops {
     resp_headers: usize,
     shared: bool,
     counters: usize,
+    /// Callouts batched by the root: a request waits in the worker's queue,
+    /// the root sends one callout per tick for all waiting and resumes
+    /// each of them on its answer.
+    batch: bool,
 }
 
 #[derive(Default)]
 struct Floor {
     ops: Rc<Ops>,
     counter_ids: Rc<Vec<u32>>,
+    waiting: Rc<std::cell::RefCell<Vec<u32>>>,
+    in_flight: std::collections::HashMap<u32, Vec<u32>>,
 }
 
-impl Context for Floor {}
+impl Context for Floor {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let _ = hostcalls::get_map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status");
+        let _ = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size);
+        for id in self.in_flight.remove(&token).unwrap_or_default() {
+            if hostcalls::set_effective_context(id).is_ok() {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+    }
+}
 
 impl RootContext for Floor {
     fn on_configure(&mut self, size: usize) -> bool {
@@ -57,8 +73,35 @@ impl RootContext for Floor {
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Req { ops: Rc::clone(&self.ops), counters: Rc::clone(&self.counter_ids) }))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Req {
+            id: context_id,
+            ops: Rc::clone(&self.ops),
+            counters: Rc::clone(&self.counter_ids),
+            waiting: Rc::clone(&self.waiting),
+        }))
+    }
+
+    fn on_tick(&mut self) {
+        let ids: Vec<u32> = std::mem::take(&mut *self.waiting.borrow_mut());
+        if ids.is_empty() {
+            let _ = hostcalls::set_tick_period(Duration::from_millis(0));
+            return;
+        }
+        let cluster = self.ops.callout.clone().unwrap_or_default();
+        let headers = vec![(":method", "GET"), (":path", "/healthz"), (":authority", "floor")];
+        match hostcalls::dispatch_http_call(&cluster, headers, None, vec![], Duration::from_secs(2)) {
+            Ok(token) => {
+                self.in_flight.insert(token, ids);
+            }
+            Err(_) => {
+                for id in ids {
+                    if hostcalls::set_effective_context(id).is_ok() {
+                        let _ = hostcalls::resume_http_request();
+                    }
+                }
+            }
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -67,6 +110,8 @@ impl RootContext for Floor {
 }
 
 struct Req {
+    id: u32,
+    waiting: Rc<std::cell::RefCell<Vec<u32>>>,
     ops: Rc<Ops>,
     counters: Rc<Vec<u32>>,
 }
@@ -93,6 +138,17 @@ impl HttpContext for Req {
         }
         for id in self.counters.iter() {
             let _ = hostcalls::increment_metric(*id, 1);
+        }
+        if self.ops.batch {
+            let first = {
+                let mut w = self.waiting.borrow_mut();
+                w.push(self.id);
+                w.len() == 1
+            };
+            if first {
+                let _ = hostcalls::set_tick_period(Duration::from_millis(1));
+            }
+            return Action::Pause;
         }
         if let Some(cluster) = &self.ops.callout {
             let headers = vec![
