@@ -53,7 +53,7 @@ pub struct Opts {
     /// A filter that calls out holds each request longer, so it needs more
     /// requests in flight than Envoy alone to keep the worker busy (Little's
     /// law); one fixed count would measure latency, not capacity.
-    #[arg(long, value_delimiter = ',', default_value = "32,128,256")]
+    #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
     pub conns: Vec<usize>,
     /// Threads of the load generator.
     #[arg(long, default_value_t = 1)]
