@@ -413,7 +413,7 @@ impl Root {
         let Some(config) = self.config.clone() else { return };
         let env = Env { config: &config, metrics: &self.metrics, book: &self.book, can_queue: self.can_queue };
         for (m, answer) in members.into_iter().zip(answers) {
-            if m.gone() || hostcalls::set_effective_context(m.context_id).is_err() {
+            if m.gone() || !host::set_effective_context(m.context_id) {
                 continue;
             }
             let Member { waits, mailbox, .. } = m;
@@ -428,7 +428,7 @@ impl Root {
             }
         }
         // Later host calls of this callback (reports, lease returns) are the root's own.
-        if hostcalls::set_effective_context(self.id).is_err() {
+        if !host::set_effective_context(self.id) {
             log::warn!("could not make the root context effective again");
         }
     }

@@ -42,6 +42,7 @@ extern "C" {
         grpc_status: i32,
     ) -> u32;
     fn proxy_continue_stream(stream_type: StreamType) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: BufferType,
         start: usize,
@@ -148,6 +149,13 @@ pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> bool
 pub fn resume_request() -> bool {
     // SAFETY: no pointers.
     unsafe { proxy_continue_stream(StreamType::HttpRequest) == OK }
+}
+
+/// Makes `context_id` the context later host calls act on (the root
+/// context acting on the requests of a batch); false if it is gone.
+pub fn set_effective_context(context_id: u32) -> bool {
+    // SAFETY: no pointers.
+    unsafe { proxy_set_effective_context(context_id) == OK }
 }
 
 /// Up to `max` bytes of a buffer from `start`.
