@@ -308,10 +308,12 @@ pub fn markdown(r: &Results) -> String {
          price of running any Wasm filter, which no Wasm limiter can go under. The Sluice modes run fail-closed \
          with a 2 s callout timeout, so a decision that does not come back is a 503, never an uncounted \
          admission. The capped tenants' 429s are part of each Sluice run ({} of {} tenants). (c) and (d) use the \
-         shipped plugin config (`envoy/envoy.yaml`); (d) adds `\"lease\": {{\"max_units\": 64}}` (ttl 1000 ms) to its \
+         shipped plugin config (`envoy/envoy.yaml`) with `\"batching\": {}` (batched callouts: past 8 single checks in flight a \
+         worker sends its checks together, each still decided on its own); (d) adds `\"lease\": {{\"max_units\": 64}}` (ttl 1000 ms) to its \
          default policy.\n",
         crate::CAPPED.len(),
-        st.tenants
+        st.tenants,
+        std::env::var_os("SLUICE_BENCH_NO_BATCHING").is_none()
     );
     let _ = writeln!(s, "## Max throughput by connection count\n");
     let counts = &st.conns;

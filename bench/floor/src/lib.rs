@@ -6,11 +6,14 @@
 //!
 //! With a plugin config it also does chosen host operations on every
 //! request, so the bench can price each one against the plain floor in the
-//! same run (`sluice-bench --probe`):
-//! `{"callout": "cluster"}` one POST callout per request (mode f, the
-//! floor of any limiter that asks a service), `"props": [["xds","route_name"]]`
-//! property reads, `"resp_headers": n` response headers set, `"shared": true`
-//! a shared-data get and CAS set, `"counters": n` counter increments.
+//! same kind of run (`SLUICE_BENCH_FLOOR_OPS='<json>' sluice-bench --modes e`):
+//! `{"callout": "cluster"}` one callout per request (`GET /healthz`, or
+//! `POST /healthz` with `"body"`), `"props": [["xds","route_name"]]`
+//! property reads, `"resp_headers": n` response headers set one call each,
+//! `"resp_pairs": n` the same set by one call over all pairs, `"shared": true`
+//! a shared-data get and CAS set, `"counters": n` counter increments,
+//! `"batch": true` with `callout`: the callout sent by the root for all
+//! requests waiting at its 1 ms tick.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -31,6 +34,8 @@ struct Ops {
     resp_headers: usize,
     shared: bool,
     counters: usize,
+    /// Response headers set in one call (all pairs read, ours added).
+    resp_pairs: usize,
     /// Callouts batched by the root: a request waits in the worker's queue,
     /// the root sends one callout per tick for all waiting and resumes
     /// each of them on its answer.
@@ -167,6 +172,17 @@ impl HttpContext for Req {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.ops.resp_pairs > 0 {
+            if let Ok(mut pairs) = hostcalls::get_map(proxy_wasm::types::MapType::HttpResponseHeaders) {
+                for i in 0..self.ops.resp_pairs {
+                    let name = HEADER_NAMES.get(i % HEADER_NAMES.len()).copied().unwrap_or("x-floor");
+                    pairs.retain(|(k, _)| k != name);
+                    pairs.push((name.to_string(), "12345".to_string()));
+                }
+                let refs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let _ = hostcalls::set_map(proxy_wasm::types::MapType::HttpResponseHeaders, refs);
+            }
+        }
         for i in 0..self.ops.resp_headers {
             let _ = hostcalls::set_map_value(
                 proxy_wasm::types::MapType::HttpResponseHeaders,
