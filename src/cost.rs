@@ -351,7 +351,11 @@ fn count(o: &Map<String, Value>, key: &str, max: u64) -> Result<Option<u64>, Bod
             if n.as_i64().is_some() || n.as_f64().is_some_and(|f| f < 0.0) {
                 return bad(key, format!("must not be negative, got {n}"));
             }
-            if n.as_f64().is_some_and(|f| f.fract() == 0.0) {
+            // A whole number written with a fraction part (`100.0`) is that number.
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
+                if f <= max as f64 {
+                    return Ok(Some(f as u64));
+                }
                 return bad(key, format!("must be at most {max}, got {n}"));
             }
             bad(key, format!("must be a whole number, got {n}"))
@@ -475,6 +479,7 @@ mod tests {
             (json!({"max_tokens": "lots"}), "max_tokens", "number"),
             (json!({"max_tokens": 250.5}), "max_tokens", "whole"),
             (json!({"max_tokens": 1e30}), "max_tokens", "at most"),
+            (json!({"max_tokens": 100001.0}), "max_tokens", "at most"),
             (json!({"max_tokens": 100001}), "max_tokens", "at most"),
             (json!({"max_completion_tokens": -1}), "max_completion_tokens", "negative"),
             (json!({"n": 0}), "n", "at least 1"),
@@ -491,6 +496,8 @@ mod tests {
         // prompt alone, and never below the documented minimum of 1 token.
         assert_eq!(est(&r, json!({"max_tokens": 0})).unwrap().tokens, 1);
         assert_eq!(est(&r, json!({"max_tokens": 0, "messages": [{"content": "abcdefgh"}]})).unwrap().tokens, 2);
+        // A whole number with a fraction part is that number.
+        assert_eq!(est(&r, json!({"max_tokens": 100.0})).unwrap().tokens, est(&r, json!({"max_tokens": 100})).unwrap().tokens);
     }
 
     #[test]

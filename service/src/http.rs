@@ -236,8 +236,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         // Syntax errors have no meaningful field path ("?" or ".").
-        if e.inner().is_data() && path != "." && path != "?" {
+        let at_field = path != "." && path != "?";
+        if e.inner().is_data() && at_field {
             ApiError::invalid_request(format!("{path}: {}", e.inner()))
+        } else if at_field {
+            // serde reports some wrong types (a number where a window name
+            // goes) as syntax: the field still says where.
+            ApiError::invalid_request(format!("invalid JSON body at {path}: {}", e.inner()))
         } else {
             ApiError::invalid_request(format!("invalid JSON body: {}", e.inner()))
         }

@@ -137,6 +137,13 @@ fn the_batch_endpoint_decides_each_check_on_its_own() {
     let r = http::request(addr, "POST", "/v1/check/batch", &[("content-type", "application/json")], Some(b"{not json"), http::DEFAULT_TIMEOUT).unwrap();
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"], "invalid_request");
+    // A wrongly typed field is named, alone or in a batch.
+    let bad_window = json!({"tenant": "b4", "policy": "p", "route_limits": [{"window": 5, "limit": 3}]});
+    let r = http::send_json(addr, "POST", "/v1/check", &[], &bad_window).unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.json()["message"].as_str().unwrap().contains("route_limits[0].window"), "{}", r.text());
+    let r = http::send_json(addr, "POST", "/v1/check/batch", &[], &json!({"checks": [bad_window]})).unwrap();
+    assert!(r.json()["results"][0]["error"]["message"].as_str().unwrap().contains("route_limits[0].window"), "{}", r.text());
     // Nothing of the refused batches was counted.
     let r = http::send_json(addr, "POST", "/v1/check", &[], &json!({"tenant": "b3"})).unwrap();
     assert_eq!(r.json()["windows"][0]["used"], 1);
