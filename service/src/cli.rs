@@ -202,6 +202,18 @@ impl Client {
     }
 }
 
+/// An answer of the Sluice admin API has `key`; anything else (another
+/// HTTP server at `--url`) is an error, not an empty table.
+fn shape(v: &Value, key: &str) -> Result<(), Failure> {
+    if v.get(key).is_some() {
+        Ok(())
+    } else {
+        Err(Failure::Transport(format!(
+            "the answer has no `{key}`: is --url the Sluice quota service (its admin address)?"
+        )))
+    }
+}
+
 fn path_segment(s: &str) -> Result<&str, Failure> {
     // Tenant ids, tier and limit names use an alphabet that needs no escaping.
     if s.is_empty() || !s.bytes().all(sluice_wire::is_tenant_byte) {
@@ -401,12 +413,14 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
     match args.command {
         AdminCommand::Status { tenant } => {
             let v = c.call(Method::GET, &format!("tenants/{}", path_segment(&tenant)?), &[], None).await?;
+            shape(&v, "tenant")?;
             show(&v, print_tenant);
         }
         AdminCommand::SetTier { tenant, tier } => {
             let v = c
                 .call(Method::PUT, &format!("tenants/{}/tier", path_segment(&tenant)?), &[], Some(json!({"tier": tier})))
                 .await?;
+            shape(&v, "tenant")?;
             show(&v, print_tenant);
         }
         AdminCommand::SetLimits { tenant, limits } => {
@@ -414,10 +428,12 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
             let v = c
                 .call(Method::PUT, &format!("tenants/{}/limits", path_segment(&tenant)?), &[], Some(Value::Object(body)))
                 .await?;
+            shape(&v, "tenant")?;
             show(&v, print_tenant);
         }
         AdminCommand::ClearLimits { tenant } => {
             let v = c.call(Method::DELETE, &format!("tenants/{}/limits", path_segment(&tenant)?), &[], None).await?;
+            shape(&v, "tenant")?;
             show(&v, print_tenant);
         }
         AdminCommand::GrantOverride { tenant, limits, duration, until } => {
@@ -432,6 +448,7 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
             let v = c
                 .call(Method::PUT, &format!("tenants/{}/overrides", path_segment(&tenant)?), &[], Some(Value::Object(body)))
                 .await?;
+            shape(&v, "tenant")?;
             show(&v, print_tenant);
         }
         AdminCommand::RevokeOverride { tenant, limits } => {
@@ -443,6 +460,7 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
             for l in &limits {
                 v = c.call(Method::DELETE, &format!("tenants/{t}/overrides/{}", path_segment(l)?), &[], None).await?;
             }
+            shape(&v, "tenant")?;
             show(&v, print_tenant);
         }
         AdminCommand::SetMode { tenant, shadow, pool } => {
@@ -464,14 +482,17 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
             let v = c
                 .call(Method::PUT, &format!("tenants/{}/mode", path_segment(&tenant)?), &[], Some(Value::Object(body)))
                 .await?;
+            shape(&v, "tenant")?;
             show(&v, print_tenant);
         }
         AdminCommand::Tiers => {
             let v = c.call(Method::GET, "tiers", &[], None).await?;
+            shape(&v, "tiers")?;
             show(&v, print_tiers);
         }
         AdminCommand::Tier { name } => {
             let v = c.call(Method::GET, &format!("tiers/{}", path_segment(&name)?), &[], None).await?;
+            shape(&v, "tier")?;
             show(&v, |v| {
                 let name = at(v, "name").as_str().unwrap_or("?").to_string();
                 let mut tiers = Map::new();
@@ -488,6 +509,7 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
             let v = c
                 .call(Method::PUT, &format!("tiers/{}", path_segment(&name)?), &[], Some(Value::Object(body)))
                 .await?;
+            shape(&v, "version")?;
             if json_out {
                 show(&v, |_| {});
             } else {
@@ -496,10 +518,12 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
         }
         AdminCommand::DeleteTier { name } => {
             let v = c.call(Method::DELETE, &format!("tiers/{}", path_segment(&name)?), &[], None).await?;
+            shape(&v, "tiers")?;
             show(&v, print_tiers);
         }
         AdminCommand::DefaultTier { name } => {
             let v = c.call(Method::PUT, "default-tier", &[], Some(json!({"tier": name}))).await?;
+            shape(&v, "tiers")?;
             show(&v, print_tiers);
         }
         AdminCommand::Audit { tenant, actor, action, since, until, limit } => {
@@ -513,6 +537,7 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
                 q.push(("limit", l.to_string()));
             }
             let v = c.call(Method::GET, "audit", &q, None).await?;
+            shape(&v, "entries")?;
             show(&v, print_audit);
         }
         AdminCommand::Usage { tenant, from, to, format } => {
@@ -533,6 +558,7 @@ async fn execute(args: AdminArgs) -> Result<(), Failure> {
                 }
                 ("table", false) => {
                     let v = c.call(Method::GET, "usage", &q, None).await?;
+                    shape(&v, "rows")?;
                     print_usage(&v);
                 }
                 (other, _) => return Err(Failure::Usage(format!("--format {other:?}: table, json or csv"))),

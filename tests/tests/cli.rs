@@ -163,6 +163,32 @@ fn cli_errors_show_the_api_message_and_exit_non_zero() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+#[test]
+fn cli_pointed_at_another_http_server_says_so_instead_of_printing_an_empty_table() {
+    use std::io::{Read, Write};
+    // Answers every request 200 with an empty JSON object.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+        }
+    });
+    for args in [&["status", "acme"][..], &["tiers"], &["audit"], &["usage"], &["set-tier", "acme", "pro"]] {
+        let out = Command::new(sluice_bin())
+            .env_remove("SLUICE_ADMIN_TOKEN_FILE")
+            .args(["admin", "--url", &format!("http://{addr}"), "--token", "x"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is --url the Sluice quota service"), "{args:?}: {err}");
+    }
+}
+
 fn now_ms() -> i64 {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     i64::try_from(d.as_millis()).unwrap()
