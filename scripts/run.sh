@@ -70,8 +70,16 @@ stop_all() {
   say "stopped"
 }
 trap stop_all EXIT
-# Ctrl-C is how a user stops the stack: a clean stop, status 0.
-trap 'exit 0' INT TERM HUP
+# Ctrl-C is how a user stops the stack: a clean stop, status 0. The handler
+# ignores further signals before anything else: a second TERM (the group kill
+# plus make's forward) arriving before stop_all's own `trap ''` used to run
+# `exit` inside the EXIT trap and leave every child running.
+on_signal() {
+  trap '' INT TERM HUP
+  stop_all
+  exit 0
+}
+trap on_signal INT TERM HUP
 
 # start NAME LOGFILE CMD...: runs CMD in the background with output to LOGFILE,
 # in its own session so a terminal's Ctrl-C reaches only this script, which

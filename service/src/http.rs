@@ -219,7 +219,11 @@ where
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
-                    format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+                    format!(
+                        "request body exceeds the limit of this route ({MAX_BODY_BYTES} bytes; \
+                         {MAX_BATCH_BODY_BYTES} for {})",
+                        sluice_wire::CHECK_BATCH_PATH
+                    ),
                 )
             } else {
                 ApiError::invalid_request(format!("could not read the request body: {e}"))
@@ -314,19 +318,27 @@ async fn check(
 /// would have given it. Only an unreadable batch is an error as a whole.
 async fn check_batch(
     State(state): State<Shared>,
-    body: Result<ApiJson<CheckBatchRequest<Box<RawValue>>>, ApiError>,
+    body: Result<ApiJson<Box<RawValue>>, ApiError>,
 ) -> Result<Json<CheckBatchResponse>, ApiError> {
-    let ApiJson(batch) = body?;
+    let ApiJson(raw) = body?;
+    // serde would read a struct from an array by position ("[0]: ..."): say
+    // what the body must be instead.
+    if !raw.get().trim_start().starts_with('{') {
+        return Err(ApiError::invalid_request(
+            "body: must be an object {\"checks\": [<check>, ...]}",
+        ));
+    }
+    let batch: CheckBatchRequest<Box<RawValue>> = parse_json(raw.get().as_bytes())?;
     if batch.checks.len() > MAX_BATCH_CHECKS {
         return Err(ApiError::invalid_request(format!(
             "checks: {} checks in one batch, at most {MAX_BATCH_CHECKS}",
             batch.checks.len()
         )));
     }
-    let results = futures_util::future::join_all(batch.checks.iter().map(|raw| {
+    let results = futures_util::future::join_all(batch.checks.iter().enumerate().map(|(i, raw)| {
         let state = &state;
         async move {
-            let req = parse_json::<CheckRequest>(raw.get().as_bytes());
+            let req = parse_check_in_batch(i, raw.get().as_bytes());
             match decide_check(state, req).await {
                 Ok(answer) => CheckResult { status: 200, answer: Some(answer), error: None },
                 Err(e) => CheckResult {
@@ -339,6 +351,23 @@ async fn check_batch(
     }))
     .await;
     Ok(Json(CheckBatchResponse { results }))
+}
+
+/// Parses check `i` of a batch; its errors say which check, and where in it.
+fn parse_check_in_batch(i: usize, bytes: &[u8]) -> Result<CheckRequest, ApiError> {
+    if !bytes.trim_ascii_start().starts_with(b"{") {
+        return Err(ApiError::invalid_request(format!("checks[{i}]: must be an object (a check)")));
+    }
+    parse_json::<CheckRequest>(bytes).map_err(|mut e| {
+        e.message = match e.message.strip_prefix("invalid JSON body: ") {
+            Some(rest) => format!("checks[{i}]: {rest}"),
+            None => match e.message.strip_prefix("invalid JSON body at ") {
+                Some(rest) => format!("checks[{i}].{rest}"),
+                None => format!("checks[{i}].{}", e.message),
+            },
+        };
+        e
+    })
 }
 
 /// One quota decision: validation, the atomic check script, metrics.

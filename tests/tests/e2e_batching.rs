@@ -118,7 +118,7 @@ fn the_batch_endpoint_decides_each_check_on_its_own() {
     assert_eq!(results[1]["status"], 400);
     assert_eq!(results[1]["error"]["error"], "invalid_tenant");
     assert_eq!(results[2]["status"], 400);
-    assert!(results[2]["error"]["message"].as_str().unwrap().starts_with("cost:"), "{}", results[2]);
+    assert!(results[2]["error"]["message"].as_str().unwrap().starts_with("checks[2].cost:"), "{}", results[2]);
     assert_eq!(results[3]["answer"]["windows"][0]["used"], 1);
     // The same counters a single check uses.
     let one = http::send_json(addr, "POST", "/v1/check", &[], &json!({"tenant": "b1"})).unwrap();
@@ -134,6 +134,25 @@ fn the_batch_endpoint_decides_each_check_on_its_own() {
         assert_eq!(r.json()["error"], "invalid_request");
         assert!(r.json()["message"].as_str().unwrap().contains(field), "{}", r.text());
     }
+    // What is wrong is said where it is: the body, or which check.
+    let r = http::send_json(addr, "POST", "/v1/check/batch", &[], &json!([{"tenant": "b3"}])).unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.json()["message"].as_str().unwrap().starts_with("body: must be an object"), "{}", r.text());
+    let r = http::send_json(addr, "POST", "/v1/check/batch", &[], &json!({"checks": [1, {"cost": 1}, {"tenant": "b3", "cost": -1}]})).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let messages: Vec<String> = r.json()["results"].as_array().unwrap().iter().map(|x| x["error"]["message"].as_str().unwrap_or("").to_string()).collect();
+    assert!(messages[0].starts_with("checks[0]: must be an object"), "{messages:?}");
+    assert!(messages[1].starts_with("checks[1]: missing field `tenant`"), "{messages:?}");
+    assert!(messages[2].starts_with("checks[2].cost:"), "{messages:?}");
+    // Fields it does not know are ignored, as in a check (upgrades in either order).
+    let r = http::send_json(addr, "POST", "/v1/check/batch", &[], &json!({"checks": [{"tenant": "b5", "new_field": 1}], "version": 2})).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["results"][0]["status"], 200);
+    // Its body cap is its own (512 KiB), and the 413 says so.
+    let huge = format!("{{\"checks\":[{{\"tenant\":\"b6\",\"pad\":\"{}\"}}]}}", "x".repeat(600 * 1024));
+    let r = http::request(addr, "POST", "/v1/check/batch", &[("content-type", "application/json")], Some(huge.as_bytes()), http::DEFAULT_TIMEOUT).unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.json()["message"].as_str().unwrap().contains("524288"), "{}", r.text());
     let r = http::request(addr, "POST", "/v1/check/batch", &[("content-type", "application/json")], Some(b"{not json"), http::DEFAULT_TIMEOUT).unwrap();
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"], "invalid_request");

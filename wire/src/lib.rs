@@ -361,9 +361,9 @@ pub const MAX_BATCH_CHECKS: usize = 256;
 /// Body of `POST /v1/check/batch`: each element is a [`CheckRequest`].
 /// The service answers 200 with a [`CheckBatchResponse`] whenever the batch
 /// itself is readable; an element that is not a valid check gets its own
-/// error result, and the others are decided.
+/// error result, and the others are decided. Unknown fields are ignored, as
+/// in a check, so filter and service can be upgraded in either order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CheckBatchRequest<T> {
     pub checks: Vec<T>,
 }
