@@ -549,8 +549,11 @@ fn chunked_and_slow_bodies_on_a_batched_body_route() {
 }
 
 /// The shipped config (batching on: in_flight 8, max_checks 64, timeout_ms
-/// 100) under a burst on a fail-closed route, against the same with
-/// batching off: batching must not turn decisions into 503s.
+/// 100) under a 64-way burst on a fail-closed route, against the same with
+/// batching off: batching must not turn decisions into 503s. The burst is
+/// one the debug service decides within 100 ms one check per callout (at
+/// 200-way both modes time out most checks on CI's 2 cores, and the
+/// comparison is noise).
 #[test]
 fn shipped_timeout_with_batching_does_not_fail_closed_more_than_singles() {
     let mut out = Vec::new();
@@ -558,11 +561,12 @@ fn shipped_timeout_with_batching_does_not_fail_closed_more_than_singles() {
         let cfg = plugin_config(json!({"batching": batching, "report_latency": false}));
         let s = Stack::with(cfg, 2);
         s.set_limits("st", json!({"hour": 1000000, "day": 1000000, "month": 1000000}));
-        let res = fire_full(&[s.envoy.listener_addr()], 2000, 200, "/v1/llm/complete", "st");
+        let res = fire_full(&[s.envoy.listener_addr()], 2000, 64, "/v1/llm/complete", "st");
         let statuses: Vec<u16> = res.iter().map(|r| r.0).collect();
         out.push((batching, tally(&statuses), s.envoy.filter_counter("sluice.batched_checks")));
     }
     eprintln!("shipped-timeout comparison: {out:?}");
+    assert!(out[1].2 > 100, "the burst was batched: {out:?}");
     let n503 = |i: usize| out[i].1.get(&503).copied().unwrap_or(0);
     assert!(n503(1) <= n503(0) + 20, "503s with batching {} vs without {}: {out:?}", n503(1), n503(0));
 }
