@@ -65,6 +65,8 @@ pub struct ScaleResult {
     /// Answers to the pass that sent each tenant of the cell one request.
     pub touched: u64,
     pub throughput: Throughput,
+    /// The connection count of the best closed loop of the cell.
+    pub conns: usize,
     pub envoy_rss_kib_before: u64,
     pub envoy_rss_kib_after: u64,
     pub failed_closed_total: u64,
@@ -401,7 +403,9 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "\n## Scaling\n\nEach cell first sends every tenant one request (so a cell of 100,000 tenants really holds \
-         100,000), then runs a closed loop for {} s after 1 s of warm-up, tenants round-robin. One more tenant, \
+         100,000), then runs a closed loop for {} s after 1 s of warm-up, tenants round-robin, at the connection count \
+         of the configuration's best main run; the Sluice modes also at the sweep's largest, keeping the better \
+         (with many tenants each is cold, and lease mode calls out for most requests). One more tenant, \
          capped at {} requests an hour, takes every 50th slot of the rotation: what reached the upstream of it is \
          the over-admission check of the cell. Envoy RSS before the first request and after the cell shows whether \
          the filter's memory grows with tenants.\n",
@@ -410,7 +414,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "| configuration | Envoy workers | tenants | req/s | ratio to (a), same workers and tenants | 503 | capped tenant admitted / limit | Envoy RSS KiB before -> after |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| configuration | Envoy workers | tenants | req/s | conns | ratio to (a), same workers and tenants | 503 | capped tenant admitted / limit | Envoy RSS KiB before -> after |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     for c in &r.scale {
         let base = r
@@ -421,11 +425,12 @@ pub fn markdown(r: &Results) -> String {
             .filter(|v| *v > 0.0);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} -> {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} -> {} |",
             c.mode.short(),
             c.workers,
             c.tenants,
             c.throughput.rps,
+            c.conns,
             opt(base.map(|b| c.throughput.rps / b), 3),
             c.throughput.counts.unavailable,
             if c.enforced { format!("{} / {}", c.capped_admitted, crate::SCALE_CAP) } else { "-".into() },
