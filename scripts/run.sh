@@ -148,9 +148,12 @@ Sluice is up. Logs: .run/logs/   Ctrl-C stops everything.
   for i in \$(seq 1 20); do curl -s -o /dev/null -w '%{http_code} %{time_total}s\\n' localhost:$ENVOY_PORT/v1/gpu/run -H "x-tenant-id: \$T" & done; wait
   # async: 202 + Location only for a request that overflows, so send it during a burst
   for i in \$(seq 1 20); do curl -s -o /dev/null localhost:$ENVOY_PORT/v1/gpu/run -H "x-tenant-id: \$T" & done
+  sleep 0.5
   L=\$(curl -si localhost:$ENVOY_PORT/v1/gpu/run -H "x-tenant-id: \$T" -H 'prefer: respond-async' | tr -d '\\r' | sed -n 's/^location: //p')
   echo "\$L"; curl -s localhost:8081/v1/queue/stats; wait
-  curl -si localhost:$ENVOY_PORT\$L -H "x-tenant-id: \$T"   # the upstream's answer, x-sluice-queue-status: done
+  # the upstream's answer, x-sluice-queue-status: done (202: still queued, ask again;
+  # empty \$L: admitted directly, rerun the 3 lines above)
+  sleep 1; [ -n "\$L" ] && curl -si localhost:$ENVOY_PORT\$L -H "x-tenant-id: \$T"
   # filter counters
   curl -s localhost:$ADMIN_PORT/stats/prometheus | grep '^sluice_'
 
