@@ -140,6 +140,9 @@ fn main() {
                 }
             }
         }
+        if workers == 1 && modes.len() > 1 && modes.contains(&Mode::NoLimiter) {
+            remeasure_baseline(&opts, &main_tenants, &mut results);
+        }
     }
     results.total_secs = started.elapsed().as_secs_f64();
     results.load_after = report::loadavg();
@@ -161,6 +164,32 @@ fn main() {
         eprintln!("sluice-bench: OVER-ADMISSION detected, see the report");
         std::process::exit(2);
     }
+}
+
+/// Measures (a) again after the other configurations and keeps, of its two
+/// runs, the higher throughput and the lower p99: a baseline disturbed by
+/// something else on the machine (one run here measured (a) below the Wasm
+/// floor, with a 12 ms p99) would flatter every ratio and every "p99 added".
+fn remeasure_baseline(opts: &Opts, tenants: &[String], results: &mut Results) {
+    eprintln!("== {} again (the baseline, at the end of the main runs)", Mode::NoLimiter.label());
+    let mut stack = Stack::start(Mode::NoLimiter, 1);
+    let again = run_main(opts, &mut stack, tenants);
+    drop(stack);
+    let Some(first) = results.main.iter_mut().find(|m| m.mode == Mode::NoLimiter) else { return };
+    let note = format!(
+        "(a) was measured first and again after the other configurations: {:.0} then {:.0} req/s, p99 {:.3} then {:.3} ms at {:.0} req/s; the report uses the higher throughput and the lower p99, the stricter baseline for every ratio and every p99 added.",
+        first.throughput.rps, again.throughput.rps, first.latency.p99_ms, again.latency.p99_ms, opts.rate
+    );
+    if again.throughput.rps > first.throughput.rps {
+        first.throughput = again.throughput;
+        first.cpu = again.cpu;
+        first.conns = again.conns;
+        first.sweep = again.sweep;
+    }
+    if again.latency.p99_ms < first.latency.p99_ms {
+        first.latency = again.latency;
+    }
+    results.notes.push(note);
 }
 
 impl Opts {
