@@ -64,9 +64,10 @@ pub struct Opts {
     /// Envoy worker counts of the scaling table (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub scale_workers: Vec<u32>,
-    /// Configurations to run (comma-separated keys a,b,c,d,e; e is the
-    /// proxy-wasm floor, a filter that only reads a header).
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    /// Configurations to run (comma-separated keys a,b,c,d,e,f; e is the
+    /// proxy-wasm floor, a filter that only reads a header; f is the floor
+    /// plus one HTTP/2 callout per request to the service's trivial /healthz).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e,f")]
     pub modes: Vec<String>,
     /// Path requested through Envoy (the demo upstream's echo).
     #[arg(long, default_value = "/v1/models")]
@@ -89,10 +90,11 @@ fn main() {
         .into_iter()
         .filter(|m| opts.modes.iter().any(|k| k == m.key()))
         .filter(|m| {
-            if *m == Mode::Floor && stack::floor_wasm().is_none() {
-                results.notes.push(
-                    "(e) proxy-wasm floor: SLUICE_FLOOR_WASM is not set to a built module (make bench-sluice builds it); not measured.".into(),
-                );
+            if m.is_floor() && stack::floor_wasm().is_none() {
+                results.notes.push(format!(
+                    "{}: SLUICE_FLOOR_WASM is not set to a built module (make bench-sluice builds it); not measured.",
+                    m.label()
+                ));
                 false
             } else if *m == Mode::Lease && !lease_supported() {
                 results.notes.push(
@@ -115,6 +117,10 @@ fn main() {
     let mut best_conns: Vec<(Mode, usize)> = Vec::new();
     for workers in workers_list {
         for &mode in &modes {
+            // (f) is a reference for the main runs only.
+            if mode == Mode::FloorCallout && workers != 1 {
+                continue;
+            }
             eprintln!("== {} with {workers} Envoy worker(s)", mode.label());
             let mut stack = Stack::start(mode, workers);
             if workers == 1 {
@@ -134,7 +140,7 @@ fn main() {
             if mode.is_sluice() && !counts.contains(&opts.max_conns()) {
                 counts.push(opts.max_conns());
             }
-            if opts.scale_workers.contains(&workers) {
+            if opts.scale_workers.contains(&workers) && mode != Mode::FloorCallout {
                 for &n in &opts.scale_tenants {
                     results.scale.push(run_scale(&opts, &mut stack, workers, n, &counts));
                 }
@@ -233,7 +239,15 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
         std::process::exit(1);
     };
     eprintln!("   max throughput {:.0} req/s at {conns} connections", throughput.rps);
+    let sums_before = stack.time_sums();
     let latency = load::open_loop(&target, opts.rate, Duration::from_secs_f64(opts.latency_secs), 64, opts.load_threads);
+    let time_split = stack.time_sums().zip(sums_before).map(|(after, before)| after.since(&before));
+    if let Some(t) = &time_split {
+        eprintln!(
+            "   at {:.0} req/s: {} checks, mean {:.0} us in the service's handler, {:.0} us of it in Redis",
+            opts.rate, t.checks, t.service_us, t.redis_us
+        );
+    }
     eprintln!(
         "   at {:.0} req/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({:?})",
         opts.rate, latency.p50_ms, latency.p99_ms, latency.p999_ms, latency.counts
@@ -255,6 +269,7 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
         failed_open: stack.filter_counter("sluice.failed_open"),
         failed_closed: stack.filter_counter("sluice.failed_closed"),
         callouts: callouts_made,
+        time_split,
         conns,
         sweep,
         envoy_rss_kib_before: rss_before,
@@ -262,9 +277,9 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
     }
 }
 
-/// Callouts Envoy has made to the quota cluster (0 without Sluice).
+/// Callouts Envoy has made to the quota cluster (0 without Sluice or (f)).
 fn callouts(stack: &Stack) -> u64 {
-    if stack.mode.is_sluice() {
+    if stack.mode.is_sluice() || stack.mode == Mode::FloorCallout {
         stack.envoy.stat("cluster.sluice_quota.upstream_rq_total")
     } else {
         0

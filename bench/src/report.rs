@@ -34,6 +34,8 @@ pub struct MainResult {
     pub failed_open: u64,
     pub failed_closed: u64,
     pub callouts: u64,
+    /// Where the latency run's decisions spent their time (Sluice modes).
+    pub time_split: Option<crate::stack::TimeSplit>,
     /// Connections of the best closed loop (the max throughput).
     pub conns: usize,
     /// Every closed loop of the sweep: (connections, req/s).
@@ -188,6 +190,17 @@ fn floor_line(r: &Results) -> Option<String> {
         opt(of_floor(Mode::Exact), 3),
         opt(of_floor(Mode::Lease), 3)
     );
+    if r.get(Mode::FloorCallout).is_some() {
+        let _ = write!(
+            line,
+            ". (f) the same filter plus one HTTP/2 callout per request to a trivial endpoint (the service's \
+             `/healthz`, no Redis) runs at {}x of (a) and adds {} ms to (a)'s p99 at {:.0} req/s: no limiter \
+             that asks a service for every request can do better on this machine",
+            opt(r.ratio(Mode::FloorCallout), 3),
+            opt(r.added_p99(Mode::FloorCallout), 3),
+            r.settings.rate
+        );
+    }
     // (e) is (a) plus a filter: faster than (a) only when the machine's
     // speed changed during the run.
     if r.ratio(Mode::Floor).is_some_and(|x| x > 1.0) {
@@ -209,9 +222,13 @@ pub fn goals(r: &Results) -> Vec<(String, String, &'static str)> {
     g.push(("lease mode >= 0.75x (a) throughput".into(), opt(lease, 3) + "x", verdict(lease.map(|x| x >= 0.75))));
     for mode in [Mode::Exact, Mode::Lease] {
         let added = r.added_p99(mode);
+        // What a callout that does nothing adds: the platform's share.
+        let platform = r
+            .added_p99(Mode::FloorCallout)
+            .map_or(String::new(), |f| format!(" ((f), a trivial callout alone: {f:.3} ms)"));
         g.push((
             format!("p99 added by Sluice {} <= 1 ms at {:.0} req/s", mode.short(), r.settings.rate),
-            opt(added, 3) + " ms",
+            opt(added, 3) + " ms" + &platform,
             verdict(added.map(|x| x <= 1.0)),
         ));
     }
@@ -317,7 +334,10 @@ pub fn markdown(r: &Results) -> String {
          reject during the run (10,000,000 tokens/s): the cost of the cheapest limiter, not of its 429s. \
          It is not per tenant and counts nothing across workers or Envoys. (e) is `bench/floor`, a proxy-wasm \
          filter (same SDK, same V8 runtime) that reads the tenant header and continues: what it costs is the \
-         price of running any Wasm filter, which no Wasm limiter can go under. The Sluice modes run fail-closed \
+         price of running any Wasm filter, which no Wasm limiter can go under. (f) is the same module \
+         calling out once per request (`GET /healthz` of the quota service over the shipped `sluice_quota` \
+         cluster, HTTP/2 h2c, answered without Redis) before it continues: the price of asking any \
+         service per request. The Sluice modes run fail-closed \
          with a 2 s callout timeout, so a decision that does not come back is a 503, never an uncounted \
          admission. The capped tenants' 429s are part of each Sluice run ({} of {} tenants). (c) and (d) use the \
          shipped plugin config (`envoy/envoy.yaml`) with `\"batching\": {}` (batched callouts: past 8 single checks in flight a \
@@ -409,6 +429,31 @@ pub fn markdown(r: &Results) -> String {
             m.envoy_rss_kib_before,
             m.envoy_rss_kib_after
         );
+    }
+    let base_p50 = r.get(Mode::NoLimiter).map(|m| m.latency.p50_ms);
+    let splits: Vec<_> = r.main.iter().filter_map(|m| m.time_split.map(|t| (m, t))).collect();
+    if !splits.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nWhere a decision's time goes in the latency run ({:.0} req/s), means in microseconds from the \
+             service's own metrics: its check handler (validation, the script call, the answer) and, inside it, \
+             the Redis call (the check script's round trip). What Envoy, the callout's transport and the \
+             scheduling of five processes on the machine's cores add is the rest of the p50 added to (a).\n\n\
+             | configuration | checks | service handler | of it Redis | p50 added to (a) |\n| --- | ---: | ---: | ---: | ---: |",
+            r.settings.rate
+        );
+        for (m, t) in splits {
+            let added = base_p50.map_or("-".to_string(), |b| format!("{:.0}", (m.latency.p50_ms - b) * 1e3));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | {} |",
+                m.mode.short(),
+                t.checks,
+                t.service_us,
+                t.redis_us,
+                added
+            );
+        }
     }
     let _ = writeln!(
         s,

@@ -16,6 +16,11 @@ pub enum Mode {
     /// (e) The platform floor: a proxy-wasm filter that only reads the
     /// tenant header (bench/floor), the least any Wasm limiter costs.
     Floor,
+    /// (f) The floor plus one callout per request to a trivial endpoint:
+    /// the quota service's `GET /healthz` over the shipped quota cluster
+    /// (HTTP/2, h2c), answered without Redis. The least any limiter that
+    /// asks a service per request costs, in throughput and in latency.
+    FloorCallout,
     /// (c) Sluice, every request checked by the service before it goes on
     /// (batched callouts: `batching: true`).
     Exact,
@@ -24,13 +29,15 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [Mode::NoLimiter, Mode::LocalRateLimit, Mode::Floor, Mode::Exact, Mode::Lease];
+    pub const ALL: [Mode; 6] =
+        [Mode::NoLimiter, Mode::LocalRateLimit, Mode::Floor, Mode::FloorCallout, Mode::Exact, Mode::Lease];
 
     pub fn key(self) -> &'static str {
         match self {
             Mode::NoLimiter => "a",
             Mode::LocalRateLimit => "b",
             Mode::Floor => "e",
+            Mode::FloorCallout => "f",
             Mode::Exact => "c",
             Mode::Lease => "d",
         }
@@ -41,6 +48,7 @@ impl Mode {
             Mode::NoLimiter => "(a) Envoy, no limiter",
             Mode::LocalRateLimit => "(b) Envoy local_ratelimit",
             Mode::Floor => "(e) proxy-wasm floor",
+            Mode::FloorCallout => "(f) floor + one callout",
             Mode::Exact => "(c) Sluice exact",
             Mode::Lease => "(d) Sluice lease",
         }
@@ -51,6 +59,7 @@ impl Mode {
             Mode::NoLimiter => "(a) no limiter",
             Mode::LocalRateLimit => "(b) local_ratelimit",
             Mode::Floor => "(e) wasm floor",
+            Mode::FloorCallout => "(f) floor + callout",
             Mode::Exact => "(c) exact",
             Mode::Lease => "(d) lease",
         }
@@ -58,6 +67,11 @@ impl Mode {
 
     pub fn is_sluice(self) -> bool {
         matches!(self, Mode::Exact | Mode::Lease)
+    }
+
+    /// Runs the floor module (bench/floor).
+    pub fn is_floor(self) -> bool {
+        matches!(self, Mode::Floor | Mode::FloorCallout)
     }
 }
 
@@ -117,7 +131,7 @@ pub fn bench_plugin_config(mode: Mode) -> Value {
 
 impl Stack {
     pub fn start(mode: Mode, workers: u32) -> Stack {
-        let (redis, service) = if mode.is_sluice() {
+        let (redis, service) = if mode.is_sluice() || mode == Mode::FloorCallout {
             let redis = Redis::start();
             let tiers = json!({"default_tier": "bench", "tiers": {"bench": {"hour": BENCH_TIER_HOUR}}});
             let service = Service::start(
@@ -137,7 +151,12 @@ impl Stack {
         // Without a service the quota cluster points at the upstream: no
         // filter calls it, Envoy only needs some endpoint.
         let quota_addr: SocketAddr = service.as_ref().map_or(upstream.addr(), Service::addr);
-        let plugin_config = if mode == Mode::Floor { floor_ops() } else { bench_plugin_config(mode) };
+        let plugin_config = match mode {
+            Mode::Floor => floor_ops(),
+            // The quota cluster as shipped (HTTP/2 to the service).
+            Mode::FloorCallout => json!({"callout": "sluice_quota"}),
+            _ => bench_plugin_config(mode),
+        };
         let mut opts = EnvoyOpts::new(plugin_config, quota_addr, upstream.addr());
         opts.concurrency = workers;
         opts.log_level = "warn".into();
@@ -145,9 +164,9 @@ impl Stack {
         opts.replace_wasm_filter = match mode {
             Mode::NoLimiter => Some(vec![]),
             Mode::LocalRateLimit => Some(vec![local_ratelimit_filter()]),
-            Mode::Floor | Mode::Exact | Mode::Lease => None,
+            Mode::Floor | Mode::FloorCallout | Mode::Exact | Mode::Lease => None,
         };
-        if mode == Mode::Floor {
+        if mode.is_floor() {
             opts.wasm_path = floor_wasm();
         }
         let envoy = Envoy::start(opts);
@@ -260,4 +279,58 @@ pub fn floor_wasm() -> Option<std::path::PathBuf> {
     std::env::var_os("SLUICE_FLOOR_WASM")
         .map(std::path::PathBuf::from)
         .filter(|p| p.is_file())
+}
+
+/// Running sums of where a Sluice decision's time goes, read from the
+/// service's own metrics: its check handler and, inside it, its Redis call.
+/// (Envoy times callouts in whole milliseconds only, too coarse here: what
+/// Envoy adds is the request's added latency less these.)
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TimeSums {
+    pub service_s_sum: f64,
+    pub service_checks: f64,
+    pub redis_s_sum: f64,
+    pub redis_calls: f64,
+}
+
+/// Means over an interval, in microseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TimeSplit {
+    /// Single checks answered in the interval.
+    pub checks: u64,
+    /// Mean time inside the service's check handler.
+    pub service_us: f64,
+    /// Mean Redis call (the check script, round trip from the service).
+    pub redis_us: f64,
+}
+
+impl TimeSums {
+    pub fn since(&self, earlier: &TimeSums) -> TimeSplit {
+        let mean = |sum: f64, n: f64, scale: f64| if n > 0.0 { sum * scale / n } else { 0.0 };
+        let checks = self.service_checks - earlier.service_checks;
+        let calls = self.redis_calls - earlier.redis_calls;
+        TimeSplit {
+            checks: checks.max(0.0) as u64,
+            service_us: mean(self.service_s_sum - earlier.service_s_sum, checks, 1e6),
+            redis_us: mean(self.redis_s_sum - earlier.redis_s_sum, calls, 1e6),
+        }
+    }
+}
+
+impl Stack {
+    /// Where decisions' time has gone so far (`None` without Sluice).
+    pub fn time_sums(&self) -> Option<TimeSums> {
+        if !self.mode.is_sluice() {
+            return None;
+        }
+        let service = self.service.as_ref()?;
+        let svc = sluice_tests::envoy::PromMetrics::parse(&service.metrics());
+        let check = [("op", "check")];
+        Some(TimeSums {
+            service_s_sum: svc.sum("sluice_check_duration_seconds_sum"),
+            service_checks: svc.sum("sluice_check_duration_seconds_count"),
+            redis_s_sum: svc.get("sluice_redis_command_duration_seconds_sum", &check).unwrap_or(0.0),
+            redis_calls: svc.get("sluice_redis_command_duration_seconds_count", &check).unwrap_or(0.0),
+        })
+    }
 }
