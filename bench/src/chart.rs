@@ -1,6 +1,7 @@
 //! `chart.png`: max-throughput bars and latency percentiles per configuration.
 
 use crate::report::Results;
+use crate::stack::Mode;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
@@ -22,17 +23,30 @@ fn load_font() -> Result<(), String> {
     Err(format!("no font found (looked for {FONTS:?}; install fonts-dejavu-core)"))
 }
 
-const COLORS: [RGBColor; 4] = [RGBColor(120, 120, 120), RGBColor(70, 130, 180), RGBColor(214, 96, 77), RGBColor(60, 160, 90)];
+/// One colour per configuration (a)..(f), in the order of `Mode::ALL`.
+const COLORS: [RGBColor; 6] = [
+    RGBColor(120, 120, 120),
+    RGBColor(70, 130, 180),
+    RGBColor(230, 170, 40),
+    RGBColor(150, 90, 190),
+    RGBColor(214, 96, 77),
+    RGBColor(60, 160, 90),
+];
+
+fn color_of(mode: Mode) -> RGBColor {
+    let i = Mode::ALL.iter().position(|m| *m == mode).unwrap_or(0);
+    COLORS.get(i).copied().unwrap_or(BLACK)
+}
 
 pub fn render(r: &Results, path: &std::path::Path) -> Result<(), String> {
-    load_font()?;
-    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let (left, right) = root.split_horizontally(600);
     let n = r.main.len();
     if n == 0 {
         return Err("no results".into());
     }
+    load_font()?;
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (left, right) = root.split_horizontally(600);
 
     let max_rps = r.main.iter().map(|m| m.throughput.rps).fold(0.0, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(&left)
@@ -42,7 +56,9 @@ pub fn render(r: &Results, path: &std::path::Path) -> Result<(), String> {
         .y_label_area_size(70)
         .build_cartesian_2d(0f64..n as f64, 0f64..max_rps.max(1.0))
         .map_err(|e| e.to_string())?;
-    let labels: Vec<String> = r.main.iter().map(|m| m.mode.short().to_string()).collect();
+    // Bars are named by key only ((a), (b), ...): the legend on the right
+    // gives each configuration's full name in the same colour.
+    let labels: Vec<String> = r.main.iter().map(|m| format!("({})", m.mode.key())).collect();
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -51,7 +67,7 @@ pub fn render(r: &Results, path: &std::path::Path) -> Result<(), String> {
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, m) in r.main.iter().enumerate() {
-        let color = COLORS.get(i % COLORS.len()).copied().unwrap_or(BLACK);
+        let color = color_of(m.mode);
         let x0 = i as f64 + 0.15;
         let x1 = i as f64 + 0.85;
         chart
@@ -66,7 +82,7 @@ pub fn render(r: &Results, path: &std::path::Path) -> Result<(), String> {
             )))
             .map_err(|e| e.to_string())?;
         chart
-            .draw_series(std::iter::once(Text::new(label, (i as f64 + 0.12, max_rps * -0.035), ("sans-serif", 15))))
+            .draw_series(std::iter::once(Text::new(label, (i as f64 + 0.35, max_rps * -0.035), ("sans-serif", 16))))
             .map_err(|e| e.to_string())?;
     }
 
@@ -92,7 +108,7 @@ pub fn render(r: &Results, path: &std::path::Path) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     for (i, m) in r.main.iter().enumerate() {
-        let color = COLORS.get(i % COLORS.len()).copied().unwrap_or(BLACK);
+        let color = color_of(m.mode);
         let values = [m.latency.p50_ms, m.latency.p99_ms, m.latency.p999_ms];
         chart
             .draw_series(values.iter().enumerate().map(|(p, v)| {

@@ -80,6 +80,14 @@ const CAPPED: &[(usize, u64)] = &[(0, 100), (1, 250), (2, 500)];
 
 fn main() {
     let opts = Opts::parse();
+    if let Some(bad) = opts.modes.iter().find(|k| !Mode::ALL.iter().any(|m| m.key() == k.as_str())) {
+        eprintln!("sluice-bench: --modes: unknown configuration {bad:?} (known: a, b, c, d, e, f)");
+        std::process::exit(2);
+    }
+    if opts.conns.is_empty() || opts.conns.contains(&0) {
+        eprintln!("sluice-bench: --conns: each connection count must be at least 1");
+        std::process::exit(2);
+    }
     let started = Instant::now();
     if let Err(e) = std::fs::create_dir_all(&opts.out) {
         eprintln!("sluice-bench: cannot create {}: {e}", opts.out.display());
@@ -228,7 +236,15 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
         let t = load::closed_loop(&target, conns, opts.load_threads, Duration::from_secs_f64(opts.throughput_secs));
         let cpu = stack.cpu().since(&cpu_before);
         let made = callouts(stack).saturating_sub(callouts_before);
-        eprintln!("   {conns} connections: {:.0} req/s ({:?}), cpu seconds {cpu:?}", t.rps, t.counts);
+        eprintln!(
+            "   {conns} connections: {:.0} req/s ({} answered: {} 2xx, {} 429, {} 503), {:.2} CPU seconds in all",
+            t.rps,
+            t.counts.answered(),
+            t.counts.ok,
+            t.counts.denied,
+            t.counts.unavailable,
+            cpu.total()
+        );
         sweep.push((conns, t.rps));
         if best.as_ref().is_none_or(|(_, b, _, _)| t.rps > b.rps) {
             best = Some((conns, t, cpu, made));
@@ -249,8 +265,16 @@ fn run_main(opts: &Opts, stack: &mut Stack, tenants: &[String]) -> MainResult {
         );
     }
     eprintln!(
-        "   at {:.0} req/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({:?})",
-        opts.rate, latency.p50_ms, latency.p99_ms, latency.p999_ms, latency.counts
+        "   at {:.0} req/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} 2xx, {} 429, {} 503, {} other, {} connection errors)",
+        opts.rate,
+        latency.p50_ms,
+        latency.p99_ms,
+        latency.p999_ms,
+        latency.counts.ok,
+        latency.counts.denied,
+        latency.counts.unavailable,
+        latency.counts.other,
+        latency.counts.errors
     );
     let stats = stack.upstream_stats();
     let mut admission = Vec::new();
@@ -327,8 +351,13 @@ fn run_scale(opts: &Opts, stack: &mut Stack, workers: u32, n: usize, counts: &[u
         .pointer(&format!("/by_tenant/{capped}"))
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(0);
+    let capped_line = if stack.mode.is_sluice() {
+        format!("capped tenant admitted {capped_admitted} of its limit {SCALE_CAP}")
+    } else {
+        format!("capped tenant admitted {capped_admitted} (no limiter here)")
+    };
     eprintln!(
-        "   {n} tenants (each touched: {} answers in {:.1} s): {:.0} req/s at {conns} connections, envoy RSS {} -> {} KiB, capped tenant {capped_admitted}/{SCALE_CAP}",
+        "   {n} tenants (each touched: {} answers in {:.1} s): {:.0} req/s at {conns} connections, envoy RSS {} -> {} KiB, {capped_line}",
         touched.counts.answered(),
         touched.seconds,
         t.rps,

@@ -111,6 +111,9 @@ pub struct Settings {
     pub conns: Vec<usize>,
     pub load_threads: usize,
     pub path: String,
+    pub modes: Vec<String>,
+    pub scale_tenants: Vec<usize>,
+    pub scale_workers: Vec<u32>,
 }
 
 pub fn loadavg() -> String {
@@ -138,6 +141,9 @@ impl Results {
                 conns: opts.conns.clone(),
                 load_threads: opts.load_threads,
                 path: opts.path.clone(),
+                modes: opts.modes.clone(),
+                scale_tenants: opts.scale_tenants.clone(),
+                scale_workers: opts.scale_workers.clone(),
             },
             main: Vec::new(),
             scale: Vec::new(),
@@ -194,8 +200,9 @@ fn floor_line(r: &Results) -> Option<String> {
         let _ = write!(
             line,
             ". (f) the same filter plus one HTTP/2 callout per request to a trivial endpoint (the service's \
-             `/healthz`, no Redis) runs at {}x of (a) and adds {} ms to (a)'s p99 at {:.0} req/s: no limiter \
-             that asks a service for every request can do better on this machine",
+             `/healthz`, no Redis) runs at {}x of (a) and adds {} ms to (a)'s p99 at {:.0} req/s: what one \
+             callout per request costs on this machine, before any deciding; Sluice's batched callouts (c) \
+             and leases (d) are how it goes below that price in throughput",
             opt(r.ratio(Mode::FloorCallout), 3),
             opt(r.added_p99(Mode::FloorCallout), 3),
             r.settings.rate
@@ -243,7 +250,12 @@ pub fn goals(r: &Results) -> Vec<(String, String, &'static str)> {
             "{over} over-admitted ({} capped tenants per main run, 1 per scaling cell; every limit reached: {reached})",
             crate::CAPPED.len()
         ),
-        verdict((!enforced.is_empty()).then_some(over == 0)),
+        if !enforced.is_empty() && over == 0 && !reached {
+            // Nothing over a limit, but a limit nobody reached shows nothing.
+            "**not shown** (a capped tenant did not reach its limit: run longer)"
+        } else {
+            verdict((!enforced.is_empty()).then_some(over == 0))
+        },
     ));
     g
 }
@@ -264,7 +276,7 @@ pub fn summary(r: &Results) -> String {
     }
     s.push_str("goals:\n");
     for (goal, figure, v) in goals(r) {
-        let _ = writeln!(s, "  {goal}: {figure} ({})", v.trim_matches('*'));
+        let _ = writeln!(s, "  {goal}: {figure} ({})", v.replace("**", ""));
     }
     if let Some(f) = floor_line(r) {
         let _ = writeln!(s, "  {f}");
@@ -330,6 +342,13 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
+        "\nmax req/s and 2xx/s: answers and 2xx answers per second in the best max-throughput run; 429 and 503: \
+         how many of each in the best max-throughput run and the latency run together; p50 to max: latency of the open \
+         loop; achieved req/s: the rate the open loop really sent (it should equal the offered rate; lower means \
+         the load generator fell behind and the latency figures are not at that rate)."
+    );
+    let _ = writeln!(
+        s,
         "\n(b) is `envoy.filters.http.local_ratelimit` with one token bucket per worker sized never to \
          reject during the run (10,000,000 tokens/s): the cost of the cheapest limiter, not of its 429s. \
          It is not per tenant and counts nothing across workers or Envoys. (e) is `bench/floor`, a proxy-wasm \
@@ -363,7 +382,13 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(s, "| {} | {} | {} |", m.mode.label(), cells.join(" | "), m.conns);
     }
     let _ = writeln!(s);
-    let _ = writeln!(s, "## Admitted per tenant (counted at the upstream)\n");
+    let _ = writeln!(
+        s,
+        "## Admitted per tenant (counted at the upstream)\n\nThe limits are those the Sluice modes enforce: 3 \
+         tenants get a small hour limit each run goes past, every other tenant the bench tier, whose hour limit \
+         ({}) no run can reach. The configurations without a limiter show what the same load sends without one.\n",
+        crate::stack::BENCH_TIER_HOUR
+    );
     let _ = writeln!(
         s,
         "| configuration | tenant | limit (hour) | admitted | over limit |\n| --- | --- | ---: | ---: | ---: |"
@@ -378,11 +403,12 @@ pub fn markdown(r: &Results) -> String {
         let total: u64 = others.iter().map(|r| r.admitted).sum();
         let _ = writeln!(
             s,
-            "| {} | {} other tenants | {} | {} | 0 |",
+            "| {} | {} other tenants | {} | {} | {} |",
             m.mode.short(),
             others.len(),
             crate::stack::BENCH_TIER_HOUR,
-            total
+            total,
+            if m.enforced { "0" } else { "no limiter" }
         );
     }
     let _ = writeln!(
@@ -413,17 +439,22 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "\nSluice counters per run: callouts to the quota cluster, fail-open / fail-closed decisions:\n"
+        "\nSluice counters per run: callouts to the quota cluster (exact mode batches checks past 8 in flight, \
+         lease mode spends most requests from a lease, so both make fewer callouts than requests), fail-open / \
+         fail-closed decisions:\n"
     );
     for m in r.main.iter().filter(|m| m.enforced) {
-        let requests = m.throughput.counts.answered() + m.latency.counts.answered();
+        let requests = m.throughput.counts.answered();
+        let per = if requests > 0 { m.callouts as f64 / requests as f64 } else { 0.0 };
         let _ = writeln!(
             s,
-            "- {}: {} requests, {} callouts ({:.3} per request), failed open {}, failed closed {}; Envoy RSS {} -> {} KiB",
+            "- {}: in its max-throughput run {} requests made {} callouts ({:.3} per request, i.e. about {:.0} \
+             requests per callout); over all its runs failed open {}, failed closed {}; Envoy RSS {} -> {} KiB",
             m.mode.short(),
             requests,
             m.callouts,
-            if requests > 0 { m.callouts as f64 / requests as f64 } else { 0.0 },
+            per,
+            if per > 0.0 { 1.0 / per } else { 0.0 },
             m.failed_open,
             m.failed_closed,
             m.envoy_rss_kib_before,
@@ -437,8 +468,11 @@ pub fn markdown(r: &Results) -> String {
             s,
             "\nWhere a decision's time goes in the latency run ({:.0} req/s), means in microseconds from the \
              service's own metrics: its check handler (validation, the script call, the answer) and, inside it, \
-             the Redis call (the check script's round trip). What Envoy, the callout's transport and the \
-             scheduling of five processes on the machine's cores add is the rest of the p50 added to (a).\n\n\
+             the Redis call (the check script's round trip). In exact mode every request is checked, so what \
+             Envoy, the callout's transport and the scheduling of five processes on the machine's cores add is \
+             the rest of the p50 added to (a). In lease mode most requests are admitted from a lease without a \
+             check (the checks column), so its p50 added can be below one check's time; the checks it makes \
+             grant leases, which costs more than a plain check.\n\n\
              | configuration | checks | service handler | of it Redis | p50 added to (a) |\n| --- | ---: | ---: | ---: | ---: |",
             r.settings.rate
         );
