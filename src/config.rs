@@ -75,6 +75,9 @@ pub struct CompiledConfig {
     pub lease_slots: u32,
     /// Batched callouts; `None`: every check is its own callout.
     pub batching: Option<Batching>,
+    /// Whether a route's `filter_metadata.sluice.policy` can choose its
+    /// policy (one host property read per request when policies exist).
+    route_metadata: bool,
     exempt_exact: Vec<String>,
     exempt_prefixes: Vec<String>,
     default_policy: Policy,
@@ -148,6 +151,7 @@ const TOP_FIELDS: &[&str] = &[
     "queue_cluster",
     "lease_slots",
     "batching",
+    "route_metadata",
 ];
 const POLICY_FIELDS: &[&str] = &[
     "name",
@@ -247,6 +251,8 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         Some(_) => return err("batching", "must be true, false or an object {\"in_flight\": n, \"max_checks\": n}"),
     };
 
+    let route_metadata = opt_bool(top, "route_metadata", "route_metadata")?.unwrap_or(true);
+
     let mut exempt_exact = Vec::new();
     let mut exempt_prefixes = Vec::new();
     if let Some(v) = top.get("exempt_paths") {
@@ -333,6 +339,12 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
                     return err(&format!("{path}.route_name"), format!("`{r}` is used by another policy"));
                 }
             }
+            if !route_metadata && prefix.is_none() && route_name.is_none() {
+                return err(
+                    &path,
+                    "has no path_prefix or route_name, and route_metadata is false: nothing could choose it",
+                );
+            }
             policies.push(policy);
         }
     }
@@ -348,6 +360,7 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
         queue_cluster,
         lease_slots,
         batching,
+        route_metadata,
         exempt_exact,
         exempt_prefixes,
         default_policy,
@@ -571,6 +584,12 @@ impl CompiledConfig {
         !self.policies.is_empty()
     }
 
+    /// Whether a route's metadata can choose its policy: the adapter reads
+    /// the `filter_metadata.sluice.policy` property only then.
+    pub fn uses_route_metadata(&self) -> bool {
+        self.route_metadata && !self.policies.is_empty()
+    }
+
     /// Whether any route spends an upstream's capacity (and may overflow).
     pub fn uses_upstreams(&self) -> bool {
         self.default_policy.upstream.is_some() || self.policies.iter().any(|p| p.upstream.is_some())
@@ -754,6 +773,23 @@ mod tests {
         assert_eq!(bad(r#"{"quota_cluster":"q","policies":[{"name":"a","shadow":1}]}"#).field, "policies[0].shadow");
         let plain = compile(br#"{"quota_cluster":"q"}"#).unwrap();
         assert!(!plain.default_policy().shadow && !plain.shadow_headers && !plain.default_policy().report_latency);
+    }
+
+    #[test]
+    fn route_metadata_is_read_only_when_policies_exist_and_it_is_not_turned_off() {
+        let policies = r#""policies":[{"name":"chat","route_name":"chat_route"},{"name":"llm","path_prefix":"/llm/"}]"#;
+        assert!(!compile(br#"{"quota_cluster":"q"}"#).unwrap().uses_route_metadata(), "no policy to choose");
+        let on = compile(format!(r#"{{"quota_cluster":"q",{policies}}}"#).as_bytes()).unwrap();
+        assert!(on.uses_route_metadata(), "on by default");
+        let off = compile(format!(r#"{{"quota_cluster":"q","route_metadata":false,{policies}}}"#).as_bytes()).unwrap();
+        assert!(!off.uses_route_metadata());
+        assert!(off.uses_route_name(), "route names still choose");
+        assert_eq!(off.select("/llm/x", None, None).name, "llm");
+        // A policy only route metadata could choose is refused when it is off.
+        let e = bad(r#"{"quota_cluster":"q","route_metadata":false,"policies":[{"name":"a","path_prefix":"/a/"},{"name":"batch","cost":10}]}"#);
+        assert_eq!(e.field, "policies[1]");
+        assert!(e.message.contains("route_metadata is false"), "{}", e.message);
+        assert_eq!(bad(r#"{"quota_cluster":"q","route_metadata":"no"}"#).field, "route_metadata");
     }
 
     #[test]

@@ -869,7 +869,11 @@ impl Request {
         let (route_name, meta_policy) = if config.has_named_policies() {
             (
                 if config.uses_route_name() { property_string(&["xds", "route_name"]) } else { None },
-                property_string(&["xds", "route_metadata", "filter_metadata", "sluice", "policy"]),
+                if config.uses_route_metadata() {
+                    property_string(&["xds", "route_metadata", "filter_metadata", "sluice", "policy"])
+                } else {
+                    None
+                },
             )
         } else {
             (None, None)

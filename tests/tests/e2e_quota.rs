@@ -320,6 +320,37 @@ fn h14_per_route_policies_apply_their_cost_limits_and_exemptions() {
 }
 
 #[test]
+fn with_route_metadata_off_the_route_metadata_chooses_nothing_and_route_names_and_prefixes_still_do() {
+    // The shipped policies, with `batch` given a path prefix (a policy only
+    // route metadata could choose is refused when route_metadata is off).
+    let mut policies = sluice_tests::envoy::shipped_plugin_config()["policies"].clone();
+    for p in policies.as_array_mut().unwrap() {
+        if p["name"] == "batch" {
+            p["path_prefix"] = json!("/v1/nightly/");
+        }
+    }
+    let s = Stack::with(plugin_config(json!({"timeout_ms": 2000, "route_metadata": false, "policies": policies})), 1);
+    // /v1/batch/ carries `sluice: {policy: batch}` in its route metadata:
+    // not read, so the default policy (cost 1, the tier's hour limit) applies.
+    let r = s.get("/v1/batch/job", "rm-off");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header_u64(&r, "x-ratelimit-limit"), 100, "the default policy, not batch's day 20");
+    assert_eq!(header_u64(&r, "x-ratelimit-remaining"), 99);
+    // The same policy by its path prefix: cost 10 against its day window of 20.
+    let r = s.get("/v1/nightly/job", "rm-off");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header_u64(&r, "x-ratelimit-limit"), 20);
+    assert_eq!(header_u64(&r, "x-ratelimit-remaining"), 10);
+    // A route name still chooses: chat costs 2.
+    let r = s.envoy.request("POST", "/v1/chat/completions", &[("x-tenant-id", "rm-off"), ("content-type", "application/json")], Some(br#"{"model":"gpt-3.5-turbo","messages":[]}"#));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header_u64(&r, "x-ratelimit-remaining"), 100 - 1 - 10 - 2);
+    let status = s.service.admin("GET", "/v1/admin/tenants/rm-off", None).json();
+    let hour = status["windows"].as_array().unwrap().iter().find(|w| w["window"] == "hour").unwrap();
+    assert_eq!(hour["current"], 13, "1 + 10 + 2 units on the tier's hour window: {status}");
+}
+
+#[test]
 fn h08_exactly_one_of_each_rate_limit_header_even_when_the_upstream_sets_its_own() {
     let s = stack();
     let r = s.envoy.request("GET", "/v1/llm/complete", &[("x-tenant-id", "h08"), ("x-demo-ratelimit-headers", "1")], None);
