@@ -84,6 +84,10 @@ fn main() {
         eprintln!("sluice-bench: --modes: unknown configuration {bad:?} (known: a, b, c, d, e, f)");
         std::process::exit(2);
     }
+    if let Err(e) = stack::plugin_changes() {
+        eprintln!("sluice-bench: {e}");
+        std::process::exit(2);
+    }
     if opts.conns.is_empty() || opts.conns.contains(&0) {
         eprintln!("sluice-bench: --conns: each connection count must be at least 1");
         std::process::exit(2);

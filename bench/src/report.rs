@@ -366,6 +366,18 @@ pub fn markdown(r: &Results) -> String {
         st.tenants,
         std::env::var_os("SLUICE_BENCH_NO_BATCHING").is_none()
     );
+    // Diagnostic runs say so: their (c) and (d) are not the shipped config.
+    for (var, what) in [
+        ("SLUICE_BENCH_NO_POLICIES", "without the shipped route policies".to_string()),
+        (
+            "SLUICE_BENCH_PLUGIN_CHANGES",
+            format!("with these top-level fields replaced: `{}`", std::env::var("SLUICE_BENCH_PLUGIN_CHANGES").unwrap_or_default()),
+        ),
+    ] {
+        if std::env::var_os(var).is_some() {
+            let _ = writeln!(s, "**Diagnostic run** (`{var}`): (c) and (d) ran {what}.\n");
+        }
+    }
     let _ = writeln!(s, "## Max throughput by connection count\n");
     let counts = &st.conns;
     let _ = writeln!(

@@ -125,8 +125,27 @@ pub fn bench_plugin_config(mode: Mode) -> Value {
         if std::env::var_os("SLUICE_BENCH_NO_POLICIES").is_some() {
             o.remove("policies");
         }
+        // Diagnostic (`SLUICE_BENCH_PLUGIN_CHANGES='<json object>'`): top-level
+        // fields replaced in (c)'s and (d)'s plugin config, e.g. to price a
+        // setting against the shipped config in the same kind of run
+        // (checked by main before anything starts).
+        if let Ok(Some(changes)) = plugin_changes() {
+            for (k, v) in changes {
+                o.insert(k, v);
+            }
+        }
     }
     c
+}
+
+/// `SLUICE_BENCH_PLUGIN_CHANGES` as a JSON object, if set.
+pub fn plugin_changes() -> Result<Option<serde_json::Map<String, Value>>, String> {
+    let Some(raw) = std::env::var_os("SLUICE_BENCH_PLUGIN_CHANGES") else { return Ok(None) };
+    match serde_json::from_str::<Value>(&raw.to_string_lossy()) {
+        Ok(Value::Object(o)) => Ok(Some(o)),
+        Ok(_) => Err("SLUICE_BENCH_PLUGIN_CHANGES must be a JSON object".into()),
+        Err(e) => Err(format!("SLUICE_BENCH_PLUGIN_CHANGES is not JSON: {e}")),
+    }
 }
 
 impl Stack {
