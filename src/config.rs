@@ -342,7 +342,10 @@ pub fn compile(bytes: &[u8]) -> Result<CompiledConfig, ConfigError> {
             if !route_metadata && prefix.is_none() && route_name.is_none() {
                 return err(
                     &path,
-                    "has no path_prefix or route_name, and route_metadata is false: nothing could choose it",
+                    format!(
+                        "policy `{}` has neither path_prefix nor route_name, and route_metadata is false: nothing could choose it",
+                        policy.name
+                    ),
                 );
             }
             policies.push(policy);
@@ -788,7 +791,7 @@ mod tests {
         // A policy only route metadata could choose is refused when it is off.
         let e = bad(r#"{"quota_cluster":"q","route_metadata":false,"policies":[{"name":"a","path_prefix":"/a/"},{"name":"batch","cost":10}]}"#);
         assert_eq!(e.field, "policies[1]");
-        assert!(e.message.contains("route_metadata is false"), "{}", e.message);
+        assert!(e.message.contains("`batch`") && e.message.contains("route_metadata is false"), "{}", e.message);
         assert_eq!(bad(r#"{"quota_cluster":"q","route_metadata":"no"}"#).field, "route_metadata");
     }
 
