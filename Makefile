@@ -86,14 +86,17 @@ BENCH_ARGS ?=
 bench: bench-sluice bench-fairness
 
 # bench-sluice measures the service as shipped: the release profile (LTO).
+# The bench itself builds with the perf profile (panics unwind), so a run
+# that fails stops the Redis, service, upstream and Envoy it started.
 # (e), the platform floor, is bench/floor: a filter that only reads a header.
 FLOOR_WASM := $(ROOT)/target/$(WASM_TARGET)/release/sluice_bench_floor.wasm
 bench-sluice: deps wasm
 	$(call build_wasm,sluice-bench-floor)
-	$(CARGO) build --release -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench
+	$(CARGO) build --release -p sluice-service --bin sluice
+	$(CARGO) build --profile perf -p sluice-bench --bin sluice-bench
 	@echo "bench: load average $$(cut -d' ' -f1-3 /proc/loadavg) (figures are only meaningful on a quiet machine)"
 	@SLUICE_WASM=$(DIST_WASM) SLUICE_FLOOR_WASM=$(FLOOR_WASM) SLUICE_BIN=$(ROOT)/target/release/sluice ENVOY_BIN="$$($(ROOT)/scripts/envoy-bin.sh)" \
-	  $(ROOT)/target/release/sluice-bench --out $(BENCH_OUT) $(BENCH_ARGS)
+	  $(PERF_BIN_DIR)/sluice-bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 bench-fairness: deps wasm
 	$(CARGO) build --profile perf -p sluice-service --bin sluice -p sluice-bench --bin sluice-bench-fairness

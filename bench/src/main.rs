@@ -88,6 +88,17 @@ fn main() {
         eprintln!("sluice-bench: {e}");
         std::process::exit(2);
     }
+    // A diagnostic change the filter refuses would fail only when (c) or
+    // (d) starts, after the runs before it: refuse it now.
+    if stack::is_diagnostic() {
+        for mode in [Mode::Exact, Mode::Lease] {
+            let config = stack::bench_plugin_config(mode);
+            if let Err(e) = sluice_filter::config::compile(config.to_string().as_bytes()) {
+                eprintln!("sluice-bench: the diagnostic settings make {}'s plugin config invalid: {e}", mode.label());
+                std::process::exit(2);
+            }
+        }
+    }
     if opts.conns.is_empty() || opts.conns.contains(&0) {
         eprintln!("sluice-bench: --conns: each connection count must be at least 1");
         std::process::exit(2);

@@ -176,6 +176,11 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("n/a".to_string(), |v| format!("{v:.digits$}"))
 }
 
+/// A ratio as `0.123x`, or `n/a` when it was not measured.
+fn times(v: Option<f64>) -> String {
+    v.map_or("n/a".to_string(), |v| format!("{v:.3}x"))
+}
+
 fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "met",
@@ -224,9 +229,9 @@ fn floor_line(r: &Results) -> Option<String> {
 pub fn goals(r: &Results) -> Vec<(String, String, &'static str)> {
     let mut g = Vec::new();
     let exact = r.ratio(Mode::Exact);
-    g.push(("exact mode >= 0.5x (a) throughput".into(), opt(exact, 3) + "x", verdict(exact.map(|x| x >= 0.5))));
+    g.push(("exact mode >= 0.5x (a) throughput".into(), times(exact), verdict(exact.map(|x| x >= 0.5))));
     let lease = r.ratio(Mode::Lease);
-    g.push(("lease mode >= 0.75x (a) throughput".into(), opt(lease, 3) + "x", verdict(lease.map(|x| x >= 0.75))));
+    g.push(("lease mode >= 0.75x (a) throughput".into(), times(lease), verdict(lease.map(|x| x >= 0.75))));
     for mode in [Mode::Exact, Mode::Lease] {
         let added = r.added_p99(mode);
         // What a callout that does nothing adds: the platform's share.
@@ -262,6 +267,9 @@ pub fn goals(r: &Results) -> Vec<(String, String, &'static str)> {
 
 pub fn summary(r: &Results) -> String {
     let mut s = String::from("\nsluice bench: ratios to (a) Envoy without a limiter\n");
+    if crate::stack::is_diagnostic() {
+        s.push_str("  DIAGNOSTIC RUN: (c) and (d) did not run the shipped plugin config (see the report)\n");
+    }
     for m in &r.main {
         let _ = writeln!(
             s,

@@ -138,6 +138,11 @@ pub fn bench_plugin_config(mode: Mode) -> Value {
     c
 }
 
+/// Whether (c) and (d) run a changed plugin config (diagnostic variables).
+pub fn is_diagnostic() -> bool {
+    ["SLUICE_BENCH_NO_POLICIES", "SLUICE_BENCH_PLUGIN_CHANGES"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
 /// `SLUICE_BENCH_PLUGIN_CHANGES` as a JSON object, if set.
 pub fn plugin_changes() -> Result<Option<serde_json::Map<String, Value>>, String> {
     let Some(raw) = std::env::var_os("SLUICE_BENCH_PLUGIN_CHANGES") else { return Ok(None) };
